@@ -1,0 +1,54 @@
+"""`python -m export`: turn a training checkpoint into ONNX graphs (and TensorRT engines where available)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from training.artifacts import ArtifactError
+
+from .pipeline import ExportConfig, ExportError, run_export
+from .qdq import PRECISIONS
+
+EPILOG = """precisions:
+  int8-weight  (default) int8 weights as symmetric DequantizeLinear + exact zero-point correction;
+               equals the trained model; valid for TensorRT
+  w8a8         int8 weights and calibrated int8 activations (ONNX Runtime static QDQ calibrator);
+               what TensorRT needs for int8 tensor-core GEMMs
+  fp16         dequantized fp16 weights and compute (GPU runtimes)
+  int4-weight  symmetric block-quantized int4 weights (opset 21)
+
+outputs in RUN/onnx: backbone.onnx, adapter.onnx (+ .data), io_spec.json, tokenizer/, parity.json,
+manifest.json; RUN/engines/*.plan where TensorRT is installed.
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run directory holding checkpoint/, e.g. runs/default")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8-weight")
+    p.add_argument("--opset", type=int, default=19)
+    p.add_argument("--parity-rows", type=int, default=None, help="held-out rows for parity (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / torch threads")
+    p.add_argument("--tensorrt", choices=("auto", "off"), default="auto")
+    p.add_argument("--no-fp32-size", action="store_true", help="skip the fp32 reference export used for the size ratio")
+    for name in ("min_batch", "opt_batch", "max_batch", "min_seq", "opt_seq", "max_seq"):
+        default = next(f.default for f in fields(ExportConfig) if f.name == name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help="TensorRT optimization profile")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        cfg = ExportConfig(precision=a.precision, opset=a.opset, parity_rows=a.parity_rows, threads=a.threads,
+                           tensorrt=a.tensorrt, compare_fp32_size=not a.no_fp32_size, min_batch=a.min_batch,
+                           opt_batch=a.opt_batch, max_batch=a.max_batch, min_seq=a.min_seq, opt_seq=a.opt_seq,
+                           max_seq=a.max_seq)
+        run_export(a.run, cfg)
+    except (ArtifactError, ExportError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

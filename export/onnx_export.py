@@ -1,0 +1,127 @@
+"""PyTorch checkpoint -> backbone.onnx + adapter.onnx, with names and shapes from the I/O spec.
+
+Each function takes a model (or a path) and writes one artifact, so each step runs and is tested
+alone. The torch.onnx dynamo exporter is used; quantized weights become DequantizeLinear nodes
+through `export.qdq` (torch.onnx.ops.symbolic), never a float copy of the weights.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from training.model import SideTuned
+
+from .io_spec import ModelIO
+from .qdq import convert_for_export_
+
+DEFAULT_OPSET = 19
+INT4_OPSET = 21  # INT4 and blocked DequantizeLinear
+
+
+class BackboneGraph(nn.Module):
+    """(input_ids, attention_mask[, token_type_ids]) -> (hidden_states, cls_states)."""
+
+    def __init__(self, tap: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.tap, self.dtype = tap, dtype
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden_states, cls_states = self.tap(input_ids, attention_mask, token_type_ids)
+        return hidden_states.float(), cls_states.float()
+
+
+class AdapterGraph(nn.Module):
+    """(hidden_states, cls_states, attention_mask) -> logits; the MoE aux losses are training-only."""
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, hidden_states, cls_states, attention_mask):
+        return self.adapter(hidden_states, cls_states, attention_mask)[0]
+
+
+def dynamic_shapes(io: ModelIO) -> dict:
+    """Batch for every leading -1, sequence for every other -1 (one Dim object each, shared)."""
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=8192)
+    return {t.name: {i: (batch if i == 0 else seq) for i, d in enumerate(t.shape) if d == -1} for t in io.inputs}
+
+
+def example_inputs(io: ModelIO, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs matching the spec; ids stay inside a small vocabulary and masks end with padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in io.inputs:
+        shape = [batch if i == 0 else (seq if d == -1 else d) for i, d in enumerate(t.shape)]
+        if t.name == "attention_mask":
+            m = torch.ones(shape, dtype=torch.int64)
+            m[-1, seq // 2:] = 0
+            out[t.name] = m
+        elif t.dtype == "int64":
+            hi = 2 if t.name == "token_type_ids" else 1000
+            out[t.name] = torch.randint(0, hi, shape, generator=g)
+        else:
+            out[t.name] = torch.randn(shape, generator=g)
+    return out
+
+
+def _export(module: nn.Module, io: ModelIO, path: Path, opset: int) -> Path:
+    module.eval()
+    inputs = example_inputs(io)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(module, (), kwargs=inputs, input_names=[t.name for t in io.inputs],
+                                    output_names=[t.name for t in io.outputs], opset_version=opset,
+                                    dynamic_shapes=dynamic_shapes(io), dynamo=True, verbose=False)
+    program.save(str(path), external_data=True)
+    return path
+
+
+def export_backbone(model: SideTuned, io: ModelIO, path: Path, precision: str = "int8-weight",
+                    opset: int = DEFAULT_OPSET) -> Path:
+    """Write the backbone graph in `precision` (the model itself is not modified)."""
+    tap = copy.deepcopy(model.tap).eval()
+    for hook in tap._hooks:
+        hook.remove()
+    convert_for_export_(tap.encoder, precision)
+    if precision == "int4-weight":
+        opset = max(opset, INT4_OPSET)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    if dtype == torch.float16:
+        tap.half()
+    path = _export(BackboneGraph(tap, dtype), io, Path(path), opset)
+    if precision == "int4-weight":
+        retype_int4_initializers(path)
+    return path
+
+
+def export_adapter(model: SideTuned, io: ModelIO, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+    return _export(AdapterGraph(copy.deepcopy(model.adapter)), io, Path(path), opset)
+
+
+def retype_int4_initializers(path: Path) -> None:
+    """Blocked DequantizeLinear inputs are exported as int8 holding [-8, 7]; store them as INT4."""
+    model = onnx.load(str(path))
+    targets = {n.input[0] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)}
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in targets:
+            values = onnx.numpy_helper.to_array(init, base_dir=str(path.parent)).astype(np.int8)
+            new = onnx.helper.make_tensor(init.name, onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
+            model.graph.initializer[i].CopyFrom(new)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
+
+
+def onnx_size_bytes(path: Path) -> int:
+    """The graph file plus its external data."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

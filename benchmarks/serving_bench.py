@@ -7,8 +7,10 @@ throughput of (a) tokenizer + backbone + adapter + softmax in this process (serv
 the same tokenization and ONNX Runtime options as the server) and (b) the Triton ensemble over gRPC
 (or HTTP) on 127.0.0.1, started here on free ports unless --url names a running server. Ratios are
 from this one run. Results go to docs/serving_bench.json and docs/serving_bench.md. Texts come from
---texts (one per line, or CSV/JSONL with a `text` column), else from the run's test split
-(data/test.{jsonl,csv} under the run directory).
+--texts (one per line, or CSV/JSONL with a `text` [and `text_pair`] column), else from the run's
+test split (onnx/heldout.jsonl or checkpoint/heldout.jsonl, written by `make train` / `make export`).
+The client threads share this Python process (and its GIL) with nothing else; at high concurrency
+they add some latency of their own to the Triton figures.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ from serving.config import ServeConfig
 from serving.reference import InProcessClassifier
 from serving.repository import PROJECT_ROOT, generate_repository
 from serving.server import ServerOptions, TritonServer
+from training.checkpoint import HELDOUT_FILE
 
-SPLIT_CANDIDATES = ("data/test.jsonl", "data/test.csv", "checkpoint/test.jsonl", "checkpoint/test.csv")
+SPLIT_CANDIDATES = (f"onnx/{HELDOUT_FILE}", f"checkpoint/{HELDOUT_FILE}")  # the test split, saved by train/export
 
 
 def read_texts(path: Path) -> tuple[list[str], list[str] | None]:
@@ -43,8 +46,9 @@ def read_texts(path: Path) -> tuple[list[str], list[str] | None]:
             rows = list(csv.DictReader(f))
     else:
         rows = [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [r["text"] for r in rows if str(r.get("text", "")).strip()]
-    pairs = [r["text_pair"] for r in rows if str(r.get("text", "")).strip()] if rows and "text_pair" in rows[0] else None
+    rows = [r for r in rows if str(r.get("text") or "").strip()]
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and all(r.get("text_pair") for r in rows) else None
     return texts, pairs
 
 

@@ -2,8 +2,8 @@
 
 `runs/<name>/onnx/` holds backbone.onnx and adapter.onnx (each possibly with external data),
 io_spec.json, tokenizer/ and manifest.json; `runs/<name>/engines/` holds TensorRT plans where they
-were built. Engines are named `<graph>.plan` or `<graph>_sm<major><minor>.plan` (one per compute
-capability, e.g. adapter_sm90.plan).
+were built, named `<graph>.sm<major><minor>.trt<A>.<B>.plan` (export/tensorrt_build.engine_filename,
+e.g. backbone.sm90.trt10.8.plan; sm100 is compute capability 10.0) or plainly `<graph>.plan`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from training.artifacts import ArtifactError, verify_manifest
 
 GRAPHS = ("backbone", "adapter")
 TOKENIZER_DIR = "tokenizer"
-_ENGINE = re.compile(r"^(?P<graph>backbone|adapter)(?:_sm(?P<major>\d)(?P<minor>\d+))?\.plan$")
+_ENGINE = re.compile(r"^(?P<graph>backbone|adapter)(?:\.sm(?P<major>\d+)(?P<minor>\d)\.trt(?P<trt>\d+\.\d+))?\.plan$")
 _ONNX_TYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -84,13 +84,19 @@ class ExportedRun:
         return h.hexdigest()
 
     def engines(self, name: str) -> dict[str | None, Path]:
-        """TensorRT plans for graph `name`: compute capability ("9.0", or None for any) -> path."""
-        found = {}
+        """TensorRT plans for graph `name`: compute capability ("9.0", or None for any) -> path.
+
+        With plans from several TensorRT versions for one capability, the newest version wins.
+        """
+        found: dict[str | None, tuple[tuple[int, ...], Path]] = {}
         for p in sorted(self.engines_dir.glob("*.plan")) if self.engines_dir.is_dir() else []:
             m = _ENGINE.match(p.name)
             if m and m["graph"] == name:
-                found[f"{m['major']}.{m['minor']}" if m["major"] else None] = p
-        return found
+                cc = f"{m['major']}.{m['minor']}" if m["major"] else None
+                version = tuple(int(v) for v in m["trt"].split(".")) if m["trt"] else ()
+                if cc not in found or version > found[cc][0]:
+                    found[cc] = (version, p)
+        return {cc: p for cc, (_, p) in found.items()}
 
 
 def load_run(path: str | Path) -> ExportedRun:

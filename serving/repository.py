@@ -30,6 +30,7 @@ DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 TRITON_MODELS = Path(__file__).resolve().parent / "triton_models"
 KEEP = ("README.md",)
 SUMMARY_FILE = "repository.json"
+PARITY_FILE = "parity.json"  # export/pipeline.py: its "config" holds the TensorRT optimization profile
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,18 @@ def _write_tokenizer(root: Path, t: TaskModels, cfg: ServeConfig) -> None:
         (d / mcfg.WARMUP_DIR / name).write_bytes(data)
 
 
+def _check_profile(run: ExportedRun, cfg: ServeConfig) -> None:
+    """Engines accept batches and lengths up to the export's optimization profile (parity.json)."""
+    parity = run.export_dir / PARITY_FILE
+    profile = json.loads(parity.read_text()).get("config", {}) if parity.is_file() else {}
+    if profile.get("max_batch") and cfg.max_batch_size > profile["max_batch"]:
+        raise RepositoryError(f"max_batch_size {cfg.max_batch_size} exceeds the engines' profile max_batch "
+                              f"{profile['max_batch']} ({parity}); lower --max-batch-size or re-export with a larger one")
+    if profile.get("max_seq") and run.spec.max_length > profile["max_seq"]:
+        raise RepositoryError(f"{run.task}: max_length {run.spec.max_length} exceeds the engines' profile max_seq "
+                              f"{profile['max_seq']} ({parity}); re-export with --max-seq >= {run.spec.max_length}")
+
+
 def _write_graph(root: Path, name: str, graph: str, run: ExportedRun, cfg: ServeConfig, notes: list[str]) -> None:
     """backbone or adapter: an ONNX Runtime python model (cpu) or a TensorRT plan model (gpu)."""
     d, io = root / name, getattr(run.spec, graph)
@@ -129,8 +142,13 @@ def _write_graph(root: Path, name: str, graph: str, run: ExportedRun, cfg: Serve
         for f in run.graph_files(graph):
             _copy(f, d / "1" / f.name)
         return
+    _check_profile(run, cfg)
     engines = run.engines(graph)
     cc_files = {cc: p.name for cc, p in engines.items() if cc is not None}
+    versions = sorted({p.name.split(".trt", 1)[1][:-len(".plan")] for p in engines.values() if ".trt" in p.name})
+    if versions:
+        notes.append(f"{name}: engines built with TensorRT {', '.join(versions)}: serve them in the NGC Triton "
+                     "container with that TensorRT version")
     _write_config(d, mcfg.tensorrt_config(name, io, cfg, instances, cc_files))
     for cc, p in engines.items():
         _copy(p, d / "1" / (p.name if cc else mcfg.PLAN_FILE))

@@ -1,8 +1,13 @@
 """Fixtures for the serving tests: fake exports (shared and separate backbones) and a served repository."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from export.io_spec import load_io_spec
+from serving.artifacts import load_run
 from serving.config import ServeConfig
 from serving.repository import generate_repository
 from serving.server import ServerOptions, TritonServer
@@ -25,11 +30,27 @@ def fake_runs(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def serve_runs(fake_runs) -> dict:
+    """The runs the end-to-end tests serve: a single-text task and a text-pair task.
+
+    SERVING_TEST_RUN=runs/<name> swaps the single-text one for a real export (`make export`).
+    """
+    real = os.environ.get("SERVING_TEST_RUN")
+    return {"single": Path(real) if real else fake_runs["sentiment"], "pair": fake_runs["nli"]}
+
+
+@pytest.fixture(scope="session")
+def specs(serve_runs) -> dict:
+    """io_spec of each served run, by role ("single", "pair")."""
+    return {role: load_io_spec(load_run(run).export_dir) for role, run in serve_runs.items()}
+
+
 @pytest.fixture(scope="module")
-def served(fake_runs, tmp_path_factory):
-    """A real tritonserver on free 127.0.0.1 ports serving sentiment + nli (one shared backbone)."""
+def served(serve_runs, tmp_path_factory):
+    """A real tritonserver on free 127.0.0.1 ports serving both runs (`server.plan` says how)."""
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    plan = generate_repository([fake_runs["sentiment"], fake_runs["nli"]], repo, ServeConfig(max_batch_size=8))
+    plan = generate_repository([serve_runs["single"], serve_runs["pair"]], repo, ServeConfig(max_batch_size=8))
     options = ServerOptions.on_free_ports(repository=repo, log_file=repo.parent / "tritonserver.log")
     with TritonServer(options) as server:
         server.plan = plan

@@ -100,11 +100,24 @@ def test_gpu_target_without_engines_writes_a_note(fake_runs, tmp_path):
 def test_gpu_target_uses_engines_per_compute_capability(fake_runs, tmp_path):
     run = shutil.copytree(fake_runs["sentiment"], tmp_path / "run")
     (run / "engines").mkdir()
-    for name in ("backbone_sm80.plan", "backbone_sm90.plan", "adapter.plan", "unrelated.plan"):
+    for name in ("backbone.sm80.trt10.8.plan", "backbone.sm90.trt10.7.plan", "backbone.sm90.trt10.8.plan",
+                 "backbone.sm100.trt11.0.plan", "adapter.plan", "unrelated.plan"):
         (run / "engines" / name).write_bytes(b"plan")
     plan = generate_repository([run], tmp_path / "r", ServeConfig(target="gpu"))
     backbone = tmp_path / "r" / "backbone"
-    assert sorted(p.name for p in (backbone / "1").iterdir()) == ["backbone_sm80.plan", "backbone_sm90.plan"]
-    assert 'key: "9.0"' in (backbone / "config.pbtxt").read_text()
+    assert sorted(p.name for p in (backbone / "1").iterdir()) == \
+        ["backbone.sm100.trt11.0.plan", "backbone.sm80.trt10.8.plan", "backbone.sm90.trt10.8.plan"]
+    config = (backbone / "config.pbtxt").read_text()
+    assert 'key: "9.0"' in config and 'key: "10.0"' in config and "trt10.7" not in config
     assert (tmp_path / "r" / "adapter_sentiment" / "1" / "model.plan").is_file()
-    assert not plan.notes
+    assert any("TensorRT 10.8, 11.0" in n for n in plan.notes) and not any("no TensorRT engine" in n for n in plan.notes)
+
+
+def test_gpu_target_checks_the_engine_profile(fake_runs, tmp_path):
+    run = shutil.copytree(fake_runs["sentiment"], tmp_path / "run")
+    (run / "onnx" / "parity.json").write_text(json.dumps({"config": {"max_batch": 16, "max_seq": 128}}))
+    write_manifest(run / "onnx", "onnx")
+    with pytest.raises(RepositoryError, match="max_batch_size 32 exceeds the engines' profile max_batch 16"):
+        generate_repository([run], tmp_path / "r", ServeConfig(target="gpu"))
+    generate_repository([run], tmp_path / "r", ServeConfig(target="gpu", max_batch_size=16))
+    generate_repository([run], tmp_path / "r2", ServeConfig(target="cpu"))  # ONNX Runtime has no profile

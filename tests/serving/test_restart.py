@@ -14,31 +14,32 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def options(fake_runs, tmp_path_factory):
+def options(serve_runs, tmp_path_factory):
     repo = tmp_path_factory.mktemp("restart") / "model_repository"
-    generate_repository([fake_runs["sentiment"]], repo, ServeConfig(max_batch_size=8))
+    generate_repository([serve_runs["single"]], repo, ServeConfig(max_batch_size=8))
     return ServerOptions.on_free_ports(repository=repo, log_file=repo.parent / "tritonserver.log")
 
 
-def _hammer(url: str, protocol: str, stop: threading.Event) -> list[BaseException]:
+def _hammer(url: str, protocol: str, task: str, stop: threading.Event) -> list[BaseException]:
     """Classify in a loop until `stop` or the first error; return the errors seen."""
     with Client(url, protocol, timeout_s=10) as client:
         while not stop.is_set():
             try:
-                client.classify("sentiment", ["the film was great", "awful plot"])
+                client.classify(task, ["the film was great", "awful plot"])
             except Exception as e:  # noqa: BLE001 - the test inspects them
                 return [e]
     return []
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_kill_mid_load_then_restart(options, protocol):
+def test_kill_mid_load_then_restart(options, specs, protocol):
+    task = specs["single"].task
     server = TritonServer(options).start()
     url = server.http_url if protocol == "http" else server.grpc_url
     stop = threading.Event()
     try:
         with cf.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(_hammer, url, protocol, stop) for _ in range(4)]
+            futures = [pool.submit(_hammer, url, protocol, task, stop) for _ in range(4)]
             time.sleep(1.0)  # under load
             server.kill()
             done, _ = cf.wait(futures, timeout=60)
@@ -49,11 +50,11 @@ def test_kill_mid_load_then_restart(options, protocol):
             assert isinstance(e, ServerUnavailableError), repr(e)
             assert url in str(e) and "make serve" in str(e)
         with pytest.raises(ServerUnavailableError, match="make serve"):
-            Client(url, protocol, timeout_s=5).classify("sentiment", ["anyone there?"])
+            Client(url, protocol, timeout_s=5).classify(task, ["anyone there?"])
     finally:
         stop.set()
         server.stop()
     with TritonServer(options) as again:
         with Client(url, protocol) as client:
-            (pred,) = client.classify("sentiment", ["the film was great"])
-        assert pred.label in ("neg", "pos") and again.is_ready()
+            (pred,) = client.classify(task, ["the film was great"])
+        assert pred.label in specs["single"].labels and again.is_ready()

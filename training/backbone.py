@@ -166,15 +166,16 @@ class BackboneTap(nn.Module):
         layers = encoder_layers(self.encoder)
         return [last_layernorm(embeddings_module(self.encoder))] + [last_layernorm(layers[i - 1]) for i in self.tap_layers]
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, stack: bool = True):
+        """stack=False returns the taps as a list of (B, T, D): training avoids a K-fold copy."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         with torch.set_grad_enabled(self.layernorm == "full" and torch.is_grad_enabled()):
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
         hs = out.hidden_states  # L+1 tensors (B, T, D)
         taps = [hs[0]] + [hs[i] for i in self.tap_layers]
-        hidden_states = torch.stack(taps, dim=1)  # (B, K, T, D)
         if self.cls_mode == "cls":
-            cls_states = hidden_states[:, 1:, 0, :]  # (B, K-1, D)
+            cls_states = torch.stack([t[:, 0] for t in taps[1:]], dim=1)  # (B, K-1, D)
         else:
             cls_states = torch.stack([masked_mean(t, attention_mask) for t in taps[1:]], dim=1)
+        hidden_states = torch.stack(taps, dim=1) if stack else taps  # (B, K, T, D)
         return hidden_states, cls_states.detach()

@@ -61,7 +61,8 @@ class SideTuned(nn.Module):
         self.tap, self.adapter = tap, adapter
 
     def forward(self, batch: dict):
-        hidden_states, cls_states = self.tap(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        hidden_states, cls_states = self.tap(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                             stack=False)
         return self.adapter(hidden_states, cls_states, batch["attention_mask"])
 
 

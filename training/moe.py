@@ -83,9 +83,13 @@ class FFNExperts(nn.Module):
         return experts
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        h = torch.einsum("btd,ndf->btnf", x, self.w1) + self.b1  # (B, T, N, F)
-        h = self.dropout(F.gelu(h))
-        return torch.einsum("btnf,nfd->btnd", h, self.w2) + self.b2  # (B, T, N, D)
+        B, T, D = x.shape
+        N = self.num_experts
+        # Expert-major layout: batched matmuls save only (N, B*T, F) activations, no permuted copies.
+        xf = x.reshape(1, B * T, D).expand(N, B * T, D)  # (N, BT, D), a view
+        h = self.dropout(F.gelu(torch.baddbmm(self.b1.unsqueeze(1), xf, self.w1)))  # (N, BT, F)
+        out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (N, BT, D)
+        return out.view(N, B, T, D).permute(1, 2, 0, 3)  # (B, T, N, D), a view
 
 
 class DenseFFN(nn.Module):

@@ -100,24 +100,33 @@ class Adapter(nn.Module):
 
     def side_forward(self, hidden_states, cls_states, mask):
         """Run the ladder; returns the final side states (B, T, d) and the per-block aux losses."""
-        h = self.downs[0](hidden_states[:, 0])  # (B, T, d)
+        tap = _tap_getter(hidden_states)
+        h = self.downs[0](tap(0))  # (B, T, d)
         g = self.gates()
         aux = []
         for j, block in enumerate(self.blocks):
-            tokens = hidden_states[:, j + 1]  # (B, T, D)
+            tokens = tap(j + 1)  # (B, T, D)
             h = g[j] * h + (1 - g[j]) * self.downs[j + 1](tokens)
             h, a = block(h, mask, cls_states[:, j], {"tokens": tokens, "mask": mask})
             aux.append(a)
         return self.side_norm(h), aux
 
     def forward(self, hidden_states, cls_states, attention_mask):
+        """hidden_states: (B, K, T, D), or a list of K (B, T, D) taps (training, no stacked copy)."""
         mask = attention_mask
-        z = self.pool(hidden_states[:, -1], mask) if self.combine_backbone else 0.0  # (B, D)
+        z = self.pool(_tap_getter(hidden_states)(-1), mask) if self.combine_backbone else 0.0  # (B, D)
         aux = []
         if self.side_enabled:
             h, aux = self.side_forward(hidden_states, cls_states, mask)
             z = z + self.up(self.pool(h, mask))  # (B, D)
         return self.classifier(self.dropout(z)), aux  # (B, C)
+
+
+def _tap_getter(hidden_states):
+    """Index tap j of a stacked (B, K, T, D) tensor or of a list of (B, T, D) taps."""
+    if isinstance(hidden_states, torch.Tensor):
+        return lambda j: hidden_states[:, j]
+    return lambda j: hidden_states[j]
 
 
 def prune_init_(adapter: Adapter, layers: list[nn.Module], tap_layers: list[int]) -> int:

@@ -82,10 +82,33 @@ def snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"
+class PeakMemory:
+    """Peak memory of training steps only: evaluation (larger batches, no graph) is excluded on CUDA.
+
+    On CUDA: torch.cuda.max_memory_allocated over training (reset around each evaluation).
+    On CPU: the process's peak RSS (ru_maxrss), which cannot exclude evaluation.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0.0
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        self.static = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None  # weights at start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def pause(self) -> None:
+        """Record the training peak so far, before an evaluation."""
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
+
+    def resume(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def gib(self) -> float:
+        if self.device.type == "cuda":
+            return self.peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class Trainer:
@@ -171,8 +194,7 @@ class Trainer:
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        memory = PeakMemory(self.device)
         print(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}; "
               f"{trainable_parameters(self.model):,} trainable parameters", flush=True)
         spsa_loss = self._spsa_loss_fn() if self.requantizer and cfg.quant.noise == "learned" else None
@@ -183,7 +205,9 @@ class Trainer:
             for epoch in range(cfg.train.epochs):
                 t0 = time.perf_counter()
                 global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)
+                memory.pause()
                 val = evaluate(self.model, self.val_loader, self.device, cfg.train.amp)
+                memory.resume()
                 record = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val["accuracy"],
                           "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
                 epochs.append(record)
@@ -195,22 +219,23 @@ class Trainer:
                 last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and global_step >= cfg.train.max_steps)
                 if self.requantizer and (epoch + 1) % cfg.quant.requant_every_epochs == 0 and not last:
                     event = self.requantizer.event(spsa_loss)
+                    memory.pause()
                     events.append(event)
                     log.write(json.dumps({"event": "requant", **_jsonable(event)}) + "\n")
                 if last:
                     break
         train_time = time.perf_counter() - t_start
-        peak, peak_kind = peak_memory(self.device)
+        peak, peak_kind, static_memory = memory.gib(), memory.kind, memory.static
         self.model.load_state_dict(best["state"])
         test = evaluate(self.model, self.test_loader, self.device, cfg.train.amp)
-        metrics = self._metrics(test, best, epochs, events, step_times, train_time, peak, peak_kind)
+        metrics = self._metrics(test, best, epochs, events, step_times, train_time, peak, peak_kind, static_memory)
         self._write_outputs(metrics, best)
         return metrics
 
     def _noise_state(self) -> dict:
         return {k: v.clone() for k, v in self.requantizer.state_dict().items()} if self.requantizer else {}
 
-    def _metrics(self, test, best, epochs, events, step_times, train_time, peak, peak_kind) -> dict:
+    def _metrics(self, test, best, epochs, events, step_times, train_time, peak, peak_kind, static_memory) -> dict:
         qbytes = backbone_bytes(self.model)
         return {
             "task": self.splits.name, "method": self.cfg.train.method, "labels": self.splits.labels,
@@ -219,7 +244,7 @@ class Trainer:
             "trainable_parameters": trainable_parameters(self.model),
             "backbone_bytes": qbytes, "backbone_fp32_bytes": self.info.fp32_bytes,
             "backbone_bytes_ratio": qbytes / self.info.fp32_bytes,
-            "peak_memory_gib": peak, "peak_memory_kind": peak_kind,
+            "peak_memory_gib": peak, "peak_memory_kind": peak_kind, "static_memory_gib": static_memory,
             "step_time_s_median": statistics.median(step_times) if step_times else None,
             "train_time_s": train_time, "requant_events": [_jsonable(e) for e in events],
             "device": str(self.device), "cpu_threads": torch.get_num_threads(),

@@ -277,6 +277,11 @@ class TritonServer:
         return self._cleanup()
 
     def _cleanup(self) -> int | None:
+        if self.process is not None:  # python-backend stubs outlive a killed server: end its whole group
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -201,7 +201,7 @@ class Trainer:
         epochs, events, step_times, global_step = [], [], [], 0
         best = {"accuracy": -1.0}
         t_start = time.perf_counter()
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress
             for epoch in range(cfg.train.epochs):
                 t0 = time.perf_counter()
                 global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)

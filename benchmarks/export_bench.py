@@ -1,0 +1,267 @@
+"""CPU latency of the exported graphs (ONNX Runtime) against PyTorch eager, on the same texts.
+
+    python -m benchmarks.export_bench --run runs/default [--threads 2] [--repeats N]
+
+Backbone + adapter, token ids in, logits out, at batch 1 and 32 with every sequence padded or
+truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl). Engines:
+  torch int8      the checkpoint as trained: GNP-IQ int8 backbone dequantized on the fly (eager fp32)
+  torch fp32      the same weights dequantized once into plain nn.Linear/nn.Embedding (reference)
+  ort level 1     onnx/backbone.onnx + adapter.onnx, MatMulNBits accuracy level 1 (exact, the default)
+  ort level 4     the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
+torch and ONNX Runtime both run on --threads threads (default 2). Each cell: warmup, then the median
+and p90 of --repeats timed calls (a cell stops early after --cell-seconds, keeping >= 5 repeats); all
+ratios come from this one run. Also records backbone.onnx size against an fp32 export and each
+engine's max |logits - torch int8| on the timed batch. Writes --out-json and --out-md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEQ = 128
+BATCHES = (1, 32)
+ENGINES = ("torch int8", "torch fp32", "ort level 1", "ort level 4")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def make_batch(rows: list[dict], tokenizer, batch: int, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """`batch` random held-out texts, each padded or truncated to exactly SEQ tokens."""
+    rng = random.Random(seed)
+    picked = [rng.choice(rows) for _ in range(batch)]
+    texts = [r["text"] for r in picked]
+    pairs = [r.get("text_pair") for r in picked]
+    enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, padding="max_length",
+                    truncation=True, max_length=SEQ, return_tensors="pt")
+    out = {k: enc[k] for k in names}
+    assert out["input_ids"].shape == (batch, SEQ)
+    return out
+
+
+def time_calls(fn, repeats: int, warmup: int, cell_seconds: float) -> list[float]:
+    """Milliseconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= 5 and time.perf_counter() - start > cell_seconds:
+            break
+    return times
+
+
+def p90(xs: list[float]) -> float:
+    return float(np.percentile(xs, 90))
+
+
+def torch_engines(model) -> dict:
+    """torch int8 (as trained) and torch fp32 (dequantized once) callables: batch -> logits (numpy)."""
+    from export.qdq import convert_for_export_
+
+    fp32 = copy.deepcopy(model)
+    convert_for_export_(fp32.tap.encoder, "fp32")
+    fp32.eval()
+
+    def runner(m):
+        def run(batch):
+            with torch.inference_mode():
+                return m(batch)[0].numpy()
+        return run
+    return {"torch int8": runner(model), "torch fp32": runner(fp32)}
+
+
+def ort_engines(onnx_dir: Path, threads: int) -> dict:
+    """backbone.onnx -> adapter.onnx at accuracy levels 1 and 4: batch -> logits."""
+    from export.ort_session import make_session
+
+    engines = {}
+    for level in (1, 4):
+        backbone = make_session(onnx_dir / "backbone.onnx", threads, level)
+        adapter = make_session(onnx_dir / "adapter.onnx", threads, level)
+        names = [i.name for i in backbone.get_inputs()]
+
+        def run(batch, backbone=backbone, adapter=adapter, names=names):
+            feeds = {k: batch[k].numpy() for k in names}
+            hs, cls = backbone.run(None, feeds)
+            return adapter.run(None, {"hidden_states": hs, "cls_states": cls,
+                                      "attention_mask": feeds["attention_mask"]})[0]
+        engines[f"ort level {level}"] = run
+    return engines
+
+
+def backbone_sizes(run: Path, model, meta: dict) -> dict:
+    """backbone.onnx bytes against an fp32 export (from parity.json, else exported here)."""
+    from export.onnx_export import export_backbone, onnx_size_bytes
+    from export.pipeline import io_spec_for
+
+    onnx_dir = run / "onnx"
+    size = onnx_size_bytes(onnx_dir / "backbone.onnx")
+    parity = json.loads((onnx_dir / "parity.json").read_text()) if (onnx_dir / "parity.json").is_file() else {}
+    fp32 = parity.get("sizes", {}).get("backbone_fp32_bytes")
+    source = "parity.json"
+    if not fp32:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = onnx_size_bytes(export_backbone(model, io_spec_for(meta, "fp32").backbone, Path(tmp) / "b.onnx", "fp32"))
+        source = "exported here"
+    return {"backbone_onnx_bytes": size, "backbone_fp32_onnx_bytes": fp32, "ratio": size / fp32,
+            "fp32_size_source": source, "precision": parity.get("precision") or _manifest_precision(onnx_dir)}
+
+
+def _manifest_precision(onnx_dir: Path) -> str | None:
+    m = onnx_dir / "manifest.json"
+    return json.loads(m.read_text()).get("precision") if m.is_file() else None
+
+
+def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, log=print) -> list[dict]:
+    """Every engine on every batch; ratios against the torch rows of the same batch size."""
+    rows = []
+    for bs, batch in batches.items():
+        ref = engines["torch int8"](batch)
+        cell = {}
+        for name, fn in engines.items():
+            times = time_calls(lambda: fn(batch), repeats, warmup, cell_seconds)
+            diff = float(np.abs(fn(batch) - ref).max())
+            cell[name] = {"engine": name, "batch": bs, "seq": SEQ, "median_ms": statistics.median(times),
+                          "p90_ms": p90(times), "repeats": len(times), "max_abs_logits_vs_torch_int8": diff}
+            log(f"[bench] batch {bs:>2} {name:<12} median {cell[name]['median_ms']:9.2f} ms  "
+                f"p90 {cell[name]['p90_ms']:9.2f} ms  ({len(times)} repeats)")
+        for r in cell.values():
+            r["speedup_vs_torch_int8"] = cell["torch int8"]["median_ms"] / r["median_ms"]
+            r["speedup_vs_torch_fp32"] = cell["torch fp32"]["median_ms"] / r["median_ms"]
+            r["sequences_per_s"] = 1e3 * bs / r["median_ms"]
+            rows.append(r)
+    return rows
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    head = ("| batch | engine | median ms | p90 ms | repeats | x vs torch int8 | x vs torch fp32 | seq/s "
+            "| max abs logits vs torch int8 |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['repeats']} "
+                     f"| {r['speedup_vs_torch_int8']:.2f} | {r['speedup_vs_torch_fp32']:.2f} "
+                     f"| {r['sequences_per_s']:.1f} | {r['max_abs_logits_vs_torch_int8']:.2e} |")
+    return lines
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    s, e = result["sizes"], result["environment"]
+    lines = [
+        "# Export benchmark: ONNX Runtime vs PyTorch eager (CPU)", "",
+        f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ",
+        f"Machine: {e['machine']}, {e['cpu']}, {e['cpu_count']} logical CPUs visible, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in e['load_average'])} (1/5/15 min)  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items()) + "  ",
+        f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})  ",
+        f"Threads: torch {result['threads']} (intra-op), ONNX Runtime {result['threads']} (intra-op, 1 inter-op); "
+        f"sequence exactly {SEQ} tokens (random held-out texts, padded/truncated); warmup {result['warmup']}, "
+        f"up to {result['repeats']} timed calls per cell (cell time cap {result['cell_seconds']} s).", "",
+        "Each call is token ids -> logits: backbone then adapter. `x vs ...` is the median-latency ratio "
+        "(higher = faster than that PyTorch engine), all from this one run.", "",
+        *format_table(result["results"]), "",
+        "| size | bytes |", "|---|---|",
+        f"| backbone.onnx (+ .data), {s['precision']} | {s['backbone_onnx_bytes']:,} |",
+        f"| fp32 backbone export ({s['fp32_size_source']}) | {s['backbone_fp32_onnx_bytes']:,} |",
+        f"| ratio | {s['ratio']:.3f} |", "",
+        "Engines: `torch int8` = the checkpoint as trained (int8 codes dequantized on the fly in every "
+        "forward); `torch fp32` = the same weights dequantized once into nn.Linear/nn.Embedding; "
+        "`ort level N` = the exported graphs with `session.qdq_matmulnbits_accuracy_level=N` "
+        "(1: fp32 activations, exact; 4: int8 activations inside MatMulNBits).",
+    ]
+    if result.get("note"):
+        lines += ["", result["note"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (after warmup)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cell-seconds", type=float, default=40.0, help="stop a cell after this long (>= 5 repeats)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", type=Path, default=Path("docs/export_bench.json"))
+    p.add_argument("--out-md", type=Path, default=Path("docs/export_bench.md"))
+    p.add_argument("--note", default="", help="a line added to the markdown (e.g. what the run is)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(a.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    from training.checkpoint import load_checkpoint, read_examples
+
+    if not (a.run / "onnx" / "backbone.onnx").is_file():
+        print(f"error: {a.run / 'onnx' / 'backbone.onnx'} is missing: run `make export RUN={a.run}` first",
+              file=sys.stderr)
+        return 2
+    model, cfg, meta, tokenizer = load_checkpoint(a.run / "checkpoint")
+    rows = read_examples(a.run / "checkpoint")
+    engines = {**torch_engines(model), **ort_engines(a.run / "onnx", a.threads)}
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if meta["backbone"]["has_token_type_ids"] else [])
+    batches = {bs: make_batch(rows, tokenizer, bs, names, a.seed + bs) for bs in BATCHES}
+    env = {"machine": f"{platform.node()} {platform.machine()}", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+           "load_average": os.getloadavg(), "versions": versions()}
+    t0 = time.perf_counter()
+    results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds)
+    result = {
+        "command": "python -m benchmarks.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "run": str(a.run), "backbone": cfg.backbone.name, "task": meta["task"], "threads": a.threads,
+        "repeats": a.repeats, "warmup": a.warmup, "cell_seconds": a.cell_seconds, "seq": SEQ,
+        "environment": env,
+        "sizes": backbone_sizes(a.run, model, meta), "results": results,
+        "measure_time_s": time.perf_counter() - t0, "note": a.note,
+    }
+    print("\n".join(format_table(results)))
+    s = result["sizes"]
+    print(f"backbone.onnx {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x fp32 ({s['backbone_fp32_onnx_bytes']:,})")
+    a.out_json.parent.mkdir(parents=True, exist_ok=True)
+    a.out_json.write_text(json.dumps(result, indent=2))
+    write_markdown(a.out_md, result)
+    print(f"[bench] wrote {a.out_json} and {a.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""`make export` end to end on the tiny trained model: one run_export per session, then its report,
+artifacts and failure modes; every expert reached through ONNX Runtime; fp16 and w8a8 backbones.
+
+The exported checkpoint is the tiny trained one with its routers forced to spread tokens over
+all experts and its experts made clearly different, so the parity gate itself proves that the
+exported top-k MoE computes every expert (a graph that dropped one would miss the tolerance).
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.io_spec import load_io_spec
+from export.onnx_export import export_backbone
+from export.ort_session import make_session
+from export.parity import TOLERANCES, check_parity, to_examples
+from export.pipeline import PARITY_FILE, ExportConfig, io_spec_for, run_export, write_backbone
+from export.trt_check import check_tensorrt_compatible
+from tests.test_train_tiny import trained_tiny_run
+from training.artifacts import ArtifactError, verify_manifest
+from training.checkpoint import (BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples,
+                                 save_checkpoint)
+from training.data import make_loader
+from training.model import BackboneInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def heldout_batch(run: Path, tokenizer, meta) -> dict:
+    rows = read_examples(run / "checkpoint")
+    loader = make_loader(to_examples(rows, meta["labels"]), tokenizer, meta["max_length"], len(rows), shuffle=False)
+    return next(iter(loader))
+
+
+def force_every_expert_(model, seed: int = 0) -> None:
+    """Strong random routers (tokens pick different top-1 experts) and distinct experts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.adapter.blocks:
+            moe = block.ffn
+            moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=g) * 5.0)
+            for p in moe.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * (0.5 * float(p.std()) + 1e-2))
+
+
+def adapter_io(model, batch):
+    """Backbone states for a batch, and the adapter's logits and per-block expert indices on them."""
+    with torch.no_grad():
+        hs, cls = model.tap(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        logits, aux = model.adapter(hs, cls, batch["attention_mask"])
+    return hs, cls, logits, [a["indices"] for a in aux]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, toy_csv):
+    """(run_dir, report, model, meta, tokenizer) of one export of the routing-forced tiny checkpoint."""
+    src, metrics = trained_tiny_run(tmp_path_factory, toy_csv)
+    model, cfg, meta, tokenizer = load_checkpoint(src / "checkpoint")
+    force_every_expert_(model)
+    run = tmp_path_factory.mktemp("export") / "run"
+    extra = {n: (src / "checkpoint" / n).read_text() for n in (HELDOUT_FILE, CALIBRATION_FILE)}
+    save_checkpoint(run, model, cfg, BackboneInfo(**meta["backbone"]), tokenizer, meta["labels"], meta["task"],
+                    meta["text_pair"], metrics, extra_files=extra)
+    report = run_export(run, ExportConfig(threads=2, compare_fp32_size=False), log=lambda *a: None)
+    return run, report, model, meta, tokenizer
+
+
+def test_heldout_rows_route_to_every_expert(exported):
+    run, _, model, meta, tokenizer = exported
+    batch = heldout_batch(run, tokenizer, meta)
+    _, _, _, indices = adapter_io(model, batch)
+    real = batch["attention_mask"].bool()
+    n = model.adapter.blocks[0].ffn.num_experts
+    assert len(indices) == len(model.adapter.blocks) >= 2
+    for idx in indices:  # (B, T, k)
+        assert set(idx[real].flatten().tolist()) == set(range(n))
+        assert set(idx[real][:, 0].tolist()) == set(range(n))  # every expert is someone's first choice
+
+
+def test_every_expert_matters_beyond_the_parity_tolerance(exported):
+    """Sensitivity of the check below: swapping any one expert for another moves the logits."""
+    run, _, model, meta, tokenizer = exported
+    batch = heldout_batch(run, tokenizer, meta)
+    hs, cls, ref, _ = adapter_io(model, batch)
+    tol = TOLERANCES["int8-weight"].max_abs["logits"]
+    for block in model.adapter.blocks:
+        experts = block.ffn.experts
+        for j in range(experts.num_experts):
+            saved = [p[j].clone() for p in experts.parameters()]
+            with torch.no_grad():
+                for p in experts.parameters():
+                    p[j] = p[(j + 1) % experts.num_experts]
+                moved = model.adapter(hs, cls, batch["attention_mask"])[0]
+                for p, s in zip(experts.parameters(), saved):
+                    p[j] = s
+            assert (moved - ref).abs().max() > 10 * tol
+
+
+def test_exported_adapter_computes_every_expert(exported):
+    run, _, model, meta, tokenizer = exported
+    batch = heldout_batch(run, tokenizer, meta)
+    hs, cls, ref, _ = adapter_io(model, batch)
+    sess = make_session(run / "onnx" / "adapter.onnx", threads=2)
+    (logits,) = sess.run(None, {"hidden_states": hs.numpy(), "cls_states": cls.numpy(),
+                                "attention_mask": batch["attention_mask"].numpy()})
+    np.testing.assert_allclose(logits, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_graph_is_a_static_top_k_moe(exported):
+    g = onnx.load(str(exported[0] / "onnx" / "adapter.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in g.node}
+    assert "TopK" in ops
+    assert not ops & {"NonZero", "Loop", "If", "Scan"}, ops
+
+
+def test_parity_json_has_both_accuracy_levels_and_passes(exported):
+    run, report, *_ = exported
+    on_disk = json.loads((run / "onnx" / PARITY_FILE).read_text())
+    assert on_disk["passed"] is True and on_disk["failures"] == []
+    assert on_disk["precision"] == "int8-weight" and report["passed"]
+    exact, fast = on_disk["parity"]["accuracy_level_1"], on_disk["parity"]["accuracy_level_4"]
+    assert exact["accuracy_level"] == 1 and fast["accuracy_level"] == 4
+    for p in (exact, fast):
+        assert p["rows"] == 24 and set(p["max_abs_error"]) == {"logits", "hidden_states", "cls_states"}
+        assert p["label_agreement"] >= 0.95 and "accuracy_pytorch" in p and "accuracy_onnxruntime" in p
+    assert exact["passed"] and exact["label_agreement"] == 1.0
+    assert exact["max_abs_error"]["logits"] < 1e-4 and exact["max_abs_error"]["hidden_states"] < 1e-4
+    assert exact["accuracy_pytorch"] == exact["accuracy_onnxruntime"]
+    assert exact["tolerance"]["max_abs"] == {"hidden_states": 1e-3, "cls_states": 1e-3, "logits": 1e-3}
+    assert fast["max_abs_error"]["hidden_states"] >= exact["max_abs_error"]["hidden_states"]  # level 4 is lossier
+
+
+def test_export_report_gates(exported):
+    report = exported[1]
+    assert report["tensorrt_check"] == {"backbone": [], "adapter": []}
+    assert all(r["passed"] for r in report["lint"].values())
+    assert all(r.get("passed") for r in report["polygraphy_run"].values())
+    assert report["tensorrt"]["available"] is False and "tensorrt" in report["tensorrt"]["note"]
+    assert report["sizes"]["backbone_bytes"] > 0 and report["sizes"]["adapter_bytes"] > 0
+
+
+def test_onnx_directory_is_a_complete_artifact(exported):
+    run, _, _, meta, _ = exported
+    onnx_dir = run / "onnx"
+    manifest = verify_manifest(onnx_dir, "onnx")
+    for name in ("backbone.onnx", "adapter.onnx", "io_spec.json", PARITY_FILE, HELDOUT_FILE,
+                 "tokenizer/tokenizer.json"):
+        assert name in manifest["files"], name
+    assert manifest["precision"] == "int8-weight"
+    assert not (run / "onnx-failed-parity.json").exists() and not list(run.glob(".tmp-*"))
+    spec = load_io_spec(onnx_dir)
+    assert spec == io_spec_for(meta, "int8-weight")
+    sess = make_session(onnx_dir / "backbone.onnx")
+    assert [i.name for i in sess.get_inputs()] == list(spec.tokenizer_outputs)
+    assert [o.name for o in sess.get_outputs()] == ["hidden_states", "cls_states"]
+
+
+def test_corrupt_checkpoint_fails_the_export_and_leaves_no_onnx(exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported[0] / "checkpoint", run / "checkpoint")
+    p = run / "checkpoint" / BACKBONE_FILE
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=BACKBONE_FILE):
+        run_export(run, ExportConfig(threads=2), log=lambda *a: None)
+    assert sorted(x.name for x in run.iterdir()) == ["checkpoint"]
+
+
+def test_cli_reports_a_corrupt_checkpoint_with_exit_code_2(exported, tmp_path, capsys):
+    from export.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(exported[0] / "checkpoint", run / "checkpoint")
+    (run / "checkpoint" / "side.safetensors").write_bytes(b"garbage")
+    assert main(["--run", str(run)]) == 2
+    assert "side.safetensors" in capsys.readouterr().err
+    assert not (run / "onnx").exists()
+
+
+def test_python_m_export_help():
+    out = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    for word in ("--run", "--precision", "int8-weight", "w8a8", "fp16", "int4-weight", "parity.json"):
+        assert word in out.stdout
+
+
+@pytest.fixture(scope="module")
+def other_precision(exported, tmp_path_factory):
+    """Build a backbone in another precision next to the int8 run's adapter; return a parity report."""
+    run, _, model, meta, tokenizer = exported
+    rows = read_examples(run / "checkpoint")
+
+    def build(precision: str):
+        out = tmp_path_factory.mktemp(precision)
+        for name in ("adapter.onnx", "adapter.onnx.data"):  # the adapter graph does not depend on precision
+            if (run / "onnx" / name).exists():
+                shutil.copy(run / "onnx" / name, out / name)
+        spec = io_spec_for(meta, precision)
+        if precision == "w8a8":
+            write_backbone(model, spec, out, ExportConfig(precision="w8a8"), run / "checkpoint", tokenizer, meta)
+        else:
+            export_backbone(model, spec.backbone, out / "backbone.onnx", precision)
+        report = check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"], out / "backbone.onnx",
+                              out / "adapter.onnx", precision, accuracy_level=1, threads=2)
+        return out, report
+    return build
+
+
+def test_fp16_export_runs_in_onnxruntime_cpu(other_precision):
+    out, report = other_precision("fp16")
+    m = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
+    matrices = [i.data_type for i in m.graph.initializer if len(i.dims) == 2
+                and i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert matrices and set(matrices) == {onnx.TensorProto.FLOAT16}  # fp16 weights; outputs are cast to fp32
+    assert report["rows"] == 24 and report["passed"], report["failures"]
+    assert report["max_abs_error"]["logits"] < TOLERANCES["fp16"].max_abs["logits"]
+
+
+def test_w8a8_export_quantizes_activations_and_runs(other_precision):
+    out, report = other_precision("w8a8")
+    m = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
+    q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert q, "no activation quantization"
+    errors = [f for f in check_tensorrt_compatible(out / "backbone.onnx") if f.level == "error"]
+    assert errors == []  # symmetric int8 with explicit axes
+    assert report["rows"] == 24 and report["passed"], report["failures"]
+    assert report["label_agreement"] >= TOLERANCES["w8a8"].min_label_agreement

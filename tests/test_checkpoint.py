@@ -100,14 +100,7 @@ def _other_encoder(kind: str, vocab: int):
     return DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
 
 
-ROBERTA_POOLER_BUG = ("bug: training/checkpoint.py load_checkpoint rebuilds non-BERT encoders with "
-                      "AutoModel.from_config(hf_config), which adds a pooler for RoBERTa, while "
-                      "training/backbone.py load_encoder loads RoBERTa with add_pooling_layer=False: the strict "
-                      "load of backbone_q.safetensors fails (missing pooler.dense.*) for every RoBERTa checkpoint")
-
-
-@pytest.mark.parametrize("kind", ["distilbert", pytest.param("roberta", marks=pytest.mark.xfail(
-    strict=True, raises=ArtifactError, reason=ROBERTA_POOLER_BUG))])
+@pytest.mark.parametrize("kind", ["distilbert", "roberta"])
 def test_round_trip_of_a_non_bert_backbone(toy_csv, tmp_path, kind):
     cfg = load_config(overrides=tiny_overrides(toy_csv) + ["quant.keep_fp_reference=false"])
     tokenizer = load_tokenizer(cfg.backbone)

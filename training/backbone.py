@@ -65,7 +65,7 @@ def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Modu
         torch.manual_seed(seed)
         return BertModel(tiny_bert_config(cfg, vocab_size), add_pooling_layer=False)
     config = AutoConfig.from_pretrained(path)
-    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "mpnet") else {}
+    kwargs = _no_pooler(config)
     if cfg.random_init:
         torch.manual_seed(seed)
         return AutoModel.from_config(config, **kwargs).float()
@@ -77,6 +77,16 @@ def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Modu
         return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _no_pooler(config) -> dict:
+    """Encoders whose pooler the ladder never uses are built without it (training and reload alike)."""
+    return {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "mpnet") else {}
+
+
+def encoder_from_config(config) -> nn.Module:
+    """An encoder of `config`'s architecture, shaped exactly as load_encoder builds it, for reloading."""
+    return AutoModel.from_config(config, **_no_pooler(config)).float()
 
 
 def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:

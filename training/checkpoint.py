@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel
+from transformers import AutoConfig, AutoTokenizer
 
 from .artifacts import ArtifactError, atomic_directory, verify_manifest
+from .backbone import encoder_from_config
 from .config import config_from_dict
 from .model import BackboneInfo, SideTuned, build_side_model
 
@@ -97,10 +98,7 @@ def load_checkpoint(ckpt_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir / "tokenizer")
     hf_config = AutoConfig.from_pretrained(ckpt_dir / "backbone_config.json")
     torch.manual_seed(0)
-    if hf_config.model_type == "bert":
-        encoder = BertModel(hf_config, add_pooling_layer=False)
-    else:
-        encoder = AutoModel.from_config(hf_config)
+    encoder = encoder_from_config(hf_config)
     model, _ = build_side_model(cfg, len(meta["labels"]), tokenizer, encoder=encoder, for_loading=True)
     _load_into(model.tap.encoder, _load_safetensors(ckpt_dir / BACKBONE_FILE), ckpt_dir / BACKBONE_FILE)
     side = _load_safetensors(ckpt_dir / SIDE_FILE)

@@ -60,7 +60,7 @@ bench: setup ## every benchmark -> docs/BENCHMARKS.md and plots
 	$(BIN)/python -m benchmarks.run_all --run $(RUN) $(ARGS)
 
 regress: setup ## compare RUN against RUN/baseline.json (add ARGS=--update to rewrite it)
-	$(BIN)/python -m export.regress --run $(RUN) $(ARGS)
+	$(BIN)/python -m serving.regress --run $(RUN) $(ARGS)
 
 clean: ## remove runs/, generated model_repository/ content and caches
 	rm -rf runs .pytest_cache

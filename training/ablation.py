@@ -86,10 +86,11 @@ def run_one(cmd: list[str], out: Path, label: str) -> dict:
     """One training subprocess; its output goes to OUT/ablation.log; returns metrics or the last error line."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's result
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # runs from a plain checkout
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     t0 = time.perf_counter()
-    with open(out / "ablation.log", "w") as log, subprocess.Popen(
+    with open(out / "ablation.log", "w", buffering=1) as log, subprocess.Popen(  # line-buffered: tail -f works
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
             log.write(line)

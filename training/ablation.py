@@ -103,6 +103,15 @@ def run_one(cmd: list[str], out: Path, label: str) -> dict:
     return {**result, "status": "failed", "error": lines[-1] if lines else f"exit code {proc.returncode}"}
 
 
+def collect_one(cmd: list[str], out: Path) -> dict:
+    """A run trained earlier (possibly on another machine): its metrics.json, or why it is missing."""
+    result = {"command": shlex.join(cmd), "wall_s": None, "out": str(out)}
+    if (out / "metrics.json").is_file():
+        m = json.loads((out / "metrics.json").read_text())
+        return {**result, "status": "ok", "metrics": m, "wall_s": m.get("train_time_s")}
+    return {**result, "status": "failed", "error": f"no metrics.json in {out} (run not finished)"}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -228,6 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=Path("runs/ablation"), help="runs go to OUT_DIR/<variant>/seed<s>")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="where ablation.md/.json/.png go")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: aggregate the runs already under OUT_DIR (e.g. run in parallel elsewhere)")
+    p.add_argument("--machine", default=None, help="machine description for the report (default: this host)")
     return p.parse_args(argv)
 
 
@@ -257,6 +269,9 @@ def main(argv=None) -> int:
         out = args.out_dir / name / f"seed{seed}"
         cmd = [sys.executable, "-m", "training", "--config", str(args.config), "--out", str(out),
                *[a for o in overrides for a in ("--set", o)], "--no-progress"]
+        if args.collect:
+            results[name].append({"seed": seed, **collect_one(cmd, out)})
+            continue
         print(f"[ablation] {i}/{len(runs)} {name} seed {seed}: log in {out / 'ablation.log'}", flush=True)
         r = run_one(cmd, out, f"{name} seed {seed}")
         print(f"[ablation] {name} seed {seed}: " + (f"test acc {r['metrics']['test_accuracy']:.4f}"
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
     report = {
         "command": "python -m training.ablation " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} {platform.platform()}, {os.cpu_count()} CPUs", "wall_s": time.perf_counter() - t0,
+        "machine": args.machine or f"{platform.node()} {platform.platform()}, {os.cpu_count()} CPUs",
+        "wall_s": time.perf_counter() - t0,
         "seeds": args.seeds, "common_overrides": args.overrides, "devices": sorted({m["device"] for m in ok}),
         "memory_kinds": sorted({m["peak_memory_kind"] for m in ok}),
         "budget": {"backbone": cfg.backbone.name, "dataset": d.dataset, "max_examples": d.max_examples,

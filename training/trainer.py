@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from .backbone import load_tokenizer
 from .checkpoint import CALIBRATION_FILE, CALIBRATION_ROWS, HELDOUT_FILE, examples_jsonl, save_checkpoint
@@ -55,18 +54,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def evaluate(model, loader, device, amp: bool = True) -> dict:
     """Accuracy, mean loss and predictions over a loader."""
     model.eval()
-    preds, losses, n = [], 0.0, 0
+    preds, labels, losses = [], [], 0.0
     for batch in loader:
+        labels.append(batch["labels"])
         batch = to_device(batch, device)
         with autocast(device, amp):
             logits, _ = model(batch)
         losses += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
-        n += len(batch["labels"])
     preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    labels = torch.cat([b["labels"] for b in loader]) if n else preds
+    labels = torch.cat(labels) if labels else preds
+    n = len(labels)
     return {"accuracy": (preds == labels).float().mean().item() if n else 0.0, "loss": losses / max(n, 1),
             "predictions": preds.tolist()}
+
+
+def linear_warmup_decay(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then linear decay to 0 (transformers' schedule, without importing its trainer stack)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_optimizer(model, cfg: RunConfig):
@@ -193,7 +202,7 @@ class Trainer:
         steps = cfg.train.epochs * len(self.train_loader)
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+        scheduler = linear_warmup_decay(optimizer, int(cfg.train.warmup_ratio * steps), steps)
         memory = PeakMemory(self.device)
         print(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}; "
               f"{trainable_parameters(self.model):,} trainable parameters", flush=True)

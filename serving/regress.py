@@ -226,7 +226,7 @@ def load_heldout(run: str | Path, rows: int | None = None) -> Heldout:
     run = Path(run)
     ckpt = run / "checkpoint"
     meta = read_checkpoint_config(ckpt)  # verifies checkpoint/manifest.json
-    export = load_run(run)  # verifies onnx/manifest.json, io_spec.json and the graphs' I/O
+    export = _load_export(run)
     if tuple(meta["labels"]) != tuple(export.spec.labels):
         raise ArtifactError(f"{export.export_dir}/io_spec.json labels {list(export.spec.labels)} differ from "
                             f"{ckpt}/config.json {meta['labels']}: the export is stale; re-run `make export`")
@@ -237,6 +237,24 @@ def load_heldout(run: str | Path, rows: int | None = None) -> Heldout:
     return Heldout(run, meta, export, [r["text"] for r in examples],
                    [r["text_pair"] for r in examples] if meta["text_pair"] else None,
                    np.array([labels.index(r["label"]) for r in examples]))
+
+
+def _load_export(run: Path):
+    """serving.artifacts.load_run (manifest, io_spec, graph I/O), with an unparsable graph named in one line."""
+    import onnx
+
+    from serving.artifacts import GRAPHS, load_run
+
+    try:
+        return load_run(run)
+    except (ArtifactError, FileNotFoundError, ValueError):
+        raise
+    except Exception:  # noqa: BLE001 - e.g. protobuf's DecodeError from a garbled graph with a rewritten manifest
+        export_dir = run / "onnx" if (run / "onnx").is_dir() else run
+        for graph in GRAPHS:
+            with _reading(export_dir / f"{graph}.onnx", "re-run `make export`"):
+                onnx.load(str(export_dir / f"{graph}.onnx"), load_external_data=False)
+        raise
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

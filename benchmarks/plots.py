@@ -3,6 +3,7 @@ the command that reproduces it; each takes plain dicts/arrays so it can be redra
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -19,12 +20,15 @@ def footer_text(env: dict, command: str) -> str:
     v = env.get("versions", {})
     versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime", "nvidia-pytriton") if v.get(k))
     machine = f"{env.get('cpu', '?')}, {env.get('cpu_count', '?')} CPUs" if "gpu" not in env else env["gpu"]
-    return f"{machine}; {versions}; {env.get('date', '?')}\nreproduce: {command}"
+    lines = textwrap.wrap(f"reproduce: {command}", 125, subsequent_indent="  ", break_on_hyphens=False)
+    if len(lines) > 4:
+        lines = lines[:3] + ["  ... (the full command is in the JSON file this figure is drawn from)"]
+    return "\n".join([f"{machine}; {versions}; {env.get('date', '?')}", *lines])
 
 
 def _finish(fig, footer: str, png: Path) -> Path:
     fig.text(0.01, 0.005, footer, fontsize=6.5, color="0.35", va="bottom", ha="left", family="monospace")
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.028 * (footer.count("\n") + 1), 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -196,7 +196,8 @@ def section_ablation(data: dict | None) -> list[str]:
     out = ["## Ablation", ""]
     if not data:
         return out + _absent("docs/ablation.json", "make ablate")
-    out += [f"From `docs/ablation.json` ({data.get('date', '?')}, seeds {data.get('seeds')}); command "
+    out += [f"From `docs/ablation.json` ({data.get('date', '?')}, device {', '.join(data.get('devices') or ['?'])}, "
+            f"seeds {data.get('seeds')}); command "
             f"`{data.get('command', '?')}`. Tables and the findings the data supports: [ablation.md](ablation.md).", "",
             "| table | variant | test accuracy % (mean ± std, n) | peak memory GiB |", "|---|---|---|---|"]
     for title, rows in data["tables"]:

@@ -163,6 +163,9 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> dict:
         report["tensorrt_check"] = {g: [asdict(f) for f in check_tensorrt_compatible(out / f"{g}.onnx")]
                                     for g in ("backbone", "adapter")}
         report["lint"] = {g: polygraphy_checks.polygraphy_lint(out / f"{g}.onnx") for g in ("backbone", "adapter")}
+        for lint in report["lint"].values():  # name the files where they will live after the atomic rename
+            for key in ("report", "command"):
+                lint[key] = lint[key].replace(str(out), str(run_dir / "onnx"))
         log(f"[export] parity on {len(rows)} held-out rows (ONNX Runtime accuracy levels {EXACT_ACCURACY_LEVEL} and {FAST_ACCURACY_LEVEL})")
         report["parity"] = {f"accuracy_level_{lvl}": check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"],
                                                                   out / "backbone.onnx", out / "adapter.onnx", cfg.precision,

@@ -34,7 +34,10 @@ def onnx_files(path: Path) -> list[Path]:
 
 def check_graph_io(path: Path, io: ModelIO) -> None:
     """Refuse a graph whose input/output names, dtypes or ranks differ from the I/O spec."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf DecodeError and friends: a garbled file behind a consistent manifest
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}); re-run `make export`") from None
     for kind, specs, values in (("input", io.inputs, graph.input), ("output", io.outputs, graph.output)):
         found = {v.name: v.type.tensor_type for v in values}
         for spec in specs:

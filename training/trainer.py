@@ -79,12 +79,16 @@ def linear_warmup_decay(optimizer, warmup: int, total: int) -> torch.optim.lr_sc
 
 
 def make_optimizer(model, cfg: RunConfig):
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases and norms; the classifier head at train.head_lr when set."""
+    head_lr = cfg.train.head_lr or cfg.train.lr
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+            decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else cfg.train.weight_decay
+            lr = head_lr if "classifier" in name else cfg.train.lr
+            groups.setdefault((lr, decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+                             lr=cfg.train.lr)
 
 
 def snapshot(model) -> dict:

@@ -69,18 +69,19 @@ def make_batch(rows: list[dict], tokenizer, batch: int, names: list[str], seed: 
     return out
 
 
-def time_calls(fn, repeats: int, warmup: int, cell_seconds: float) -> list[float]:
-    """Milliseconds per call after `warmup` untimed calls."""
+def time_calls(fn, repeats: int, warmup: int, cell_seconds: float):
+    """(milliseconds per call after `warmup` untimed calls, the last call's output)."""
+    out = None
     for _ in range(warmup):
-        fn()
+        out = fn()
     times, start = [], time.perf_counter()
     for i in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
         if i + 1 >= 5 and time.perf_counter() - start > cell_seconds:
             break
-    return times
+    return times, out
 
 
 def p90(xs: list[float]) -> float:
@@ -149,11 +150,10 @@ def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_second
     """Every engine on every batch; ratios against the torch rows of the same batch size."""
     rows = []
     for bs, batch in batches.items():
-        ref = engines["torch int8"](batch)
-        cell = {}
-        for name, fn in engines.items():
-            times = time_calls(lambda: fn(batch), repeats, warmup, cell_seconds)
-            diff = float(np.abs(fn(batch) - ref).max())
+        cell, outputs = {}, {}
+        for name, fn in engines.items():  # "torch int8" first: the reference for the logits check
+            times, outputs[name] = time_calls(lambda: fn(batch), repeats, warmup, cell_seconds)
+            diff = float(np.abs(outputs[name] - outputs["torch int8"]).max())
             cell[name] = {"engine": name, "batch": bs, "seq": SEQ, "median_ms": statistics.median(times),
                           "p90_ms": p90(times), "repeats": len(times), "max_abs_logits_vs_torch_int8": diff}
             log(f"[bench] batch {bs:>2} {name:<12} median {cell[name]['median_ms']:9.2f} ms  "
@@ -212,8 +212,8 @@ def parse_args(argv=None):
     p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (after warmup)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--cell-seconds", type=float, default=40.0, help="stop a cell after this long (>= 5 repeats)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cell-seconds", type=float, default=35.0, help="stop a cell after this long (>= 5 repeats)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", type=Path, default=Path("docs/export_bench.json"))
     p.add_argument("--out-md", type=Path, default=Path("docs/export_bench.md"))

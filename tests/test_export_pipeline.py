@@ -6,6 +6,7 @@ all experts and its experts made clearly different, so the parity gate itself pr
 exported top-k MoE computes every expert (a graph that dropped one would miss the tolerance).
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_cli_reports_a_corrupt_checkpoint_with_exit_code_2(exported, tmp_path, c
 
 def test_python_m_export_help():
     out = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     for word in ("--run", "--precision", "int8-weight", "w8a8", "fp16", "int4-weight", "parity.json"):
         assert word in out.stdout

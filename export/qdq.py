@@ -34,7 +34,8 @@ def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, axis: int, block_siz
         return torch.onnx.ops.symbolic("DequantizeLinear", (q, scale), attrs, dtype=scale.dtype,
                                        shape=q.shape, version=opset)
     if block_size is not None:
-        return q.to(scale.dtype) * scale.repeat_interleave(block_size, dim=axis)[..., : q.shape[axis]]
+        full = scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, q.shape[axis])  # trim padding on `axis`
+        return q.to(scale.dtype) * full
     shape = [1] * q.ndim
     shape[axis] = -1
     return q.to(scale.dtype) * scale.view(shape)

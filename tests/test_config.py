@@ -214,16 +214,12 @@ def test_sections_check_themselves_on_construction():
         MoEConfig(num_experts=2, top_k=3)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: training/config.py config_from_dict calls (raw.get('train') or {}).get"
-                                       " on a non-mapping `train` section: AttributeError instead of ConfigError")
 def test_train_section_that_is_not_a_mapping_is_a_config_error(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train: 5\n")
     assert config_error(path=p).startswith("train:")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: training/config.py config_from_dict applies a method preset with"
-                                       " `k in node` on a non-mapping section: TypeError instead of ConfigError")
 def test_preset_section_that_is_not_a_mapping_is_a_config_error():
     with pytest.raises(ConfigError, match="^quant"):
         config_from_dict({"train": {"method": "lst"}, "quant": 5})

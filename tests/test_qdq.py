@@ -77,12 +77,7 @@ def test_int8_gather_embedding_equals_the_quantized_embedding():
     torch.testing.assert_close(gather(ids), q(ids), rtol=1e-6, atol=1e-6)
 
 
-INT4_SLICE_BUG = ("bug: export/qdq.py dequantize_linear (eager, block_size set) trims the repeated scales with "
-                  "[..., :q.shape[axis]], i.e. along the LAST dim instead of `axis`: Int4BlockLinear.forward raises "
-                  "a size mismatch whenever in_features is not a multiple of block_size or out_features > in_features")
-
-
-@pytest.mark.parametrize("in_f", [64, pytest.param(70, marks=pytest.mark.xfail(strict=True, reason=INT4_SLICE_BUG))])
+@pytest.mark.parametrize("in_f", [64, 70])
 def test_int4_block_linear_is_within_int4_error(in_f):
     layer = QuantizedLinear.from_float(skewed_linear(in_f, 20))
     int4 = Int4BlockLinear(layer, block_size=32)
@@ -119,7 +114,7 @@ def _count(module, cls):
 
 @pytest.mark.parametrize("precision, linear_type, tol", [
     ("int8-weight", SymmetricInt8Linear, 1e-5), ("fp32", nn.Linear, 1e-5), ("fp16", nn.Linear, 1e-5),
-    pytest.param("int4-weight", Int4BlockLinear, 0.2, marks=pytest.mark.xfail(strict=True, reason=INT4_SLICE_BUG)),
+    ("int4-weight", Int4BlockLinear, 0.2),
 ])
 def test_convert_for_export_replaces_every_quantized_module(precision, linear_type, tol):
     enc = tiny_quantized_bert()

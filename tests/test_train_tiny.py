@@ -82,9 +82,6 @@ def test_requant_events_are_reported_with_errors_before_and_after(trained):
     assert events[1]["error_before"] == pytest.approx(events[0]["error_after"], rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: training/trainer.py writes {'event': 'requant', **event} but the "
-                                       "Requantizer's event dict carries its own 'event' (the event index), which "
-                                       "overwrites 'requant': the log line reads {'event': 0, ...}")
 def test_requant_events_are_logged_in_train_log(trained):
     run, m = trained
     events = [r for r in log_records(run) if r.get("event") == "requant"]

@@ -296,10 +296,13 @@ def config_from_dict(raw: dict) -> RunConfig:
     """Build a RunConfig from a plain dict (YAML or a checkpoint), applying the method's preset."""
     raw = copy.deepcopy(raw or {})
     _check(isinstance(raw, dict), "<root>", "the config must be a mapping")
+    for section in ("backbone", "data", "quant", "side", "moe", "train"):
+        value = raw.get(section)
+        _check(value is None or isinstance(value, dict), section, f"must be a mapping, got {type(value).__name__}")
     method = (raw.get("train") or {}).get("method", "mp_ismoe")
     _one_of(method, METHODS, "train.method")
     for section, values in METHOD_PRESETS[method].items():
-        node = raw.setdefault(section, {}) or {}
+        node = raw.get(section) or {}
         raw[section] = node
         for k, v in values.items():
             if k in node and node[k] != v:

@@ -234,7 +234,8 @@ class Trainer:
                     event = self.requantizer.event(spsa_loss)
                     memory.pause()
                     events.append(event)
-                    log.write(json.dumps({"event": "requant", **_jsonable(event)}) + "\n")
+                    record = {k: v for k, v in _jsonable(event).items() if k != "event"}
+                    log.write(json.dumps({"event": "requant", "index": event["event"], **record}) + "\n")
                 if last:
                     break
         train_time = time.perf_counter() - t_start

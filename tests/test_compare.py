@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from tests.conftest import tiny_overrides, write_toy_csv
-from training.compare import NAMES, method_overrides, render_markdown, run_method
+from training.compare import NAMES, method_overrides, render_markdown
+from training.harness import run_training
 
 METHODS = ["full_ft", "lora", "bitfit", "lst", "mp_ismoe"]
 
@@ -19,7 +20,7 @@ def test_method_overrides_state_the_preset_explicitly():
 
 def test_failed_run_reports_its_last_line(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('[train] starting'); sys.exit('ValueError: no such column')"]
-    r = run_method("bitfit", cmd, tmp_path / "bitfit")
+    r = {"method": "bitfit", **run_training(cmd, tmp_path / "bitfit", "bitfit")}
     assert r["status"] == "failed" and r["error"] == "ValueError: no such column"
     report = {"machine": {"date": "today", "platform": "p", "cpu": "c", "cpu_count": 2, "python": "3", "torch": "t"},
               "budget": {k: 1 for k in ("backbone", "dataset", "max_examples", "sizes", "split_seed", "seed",

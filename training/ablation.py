@@ -19,15 +19,14 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .harness import run_training
 
-ROOT = Path(__file__).resolve().parents[1]
 MP_ISMOE = ("train.method=mp_ismoe", "quant.enabled=true", "quant.bits=8", "quant.noise=learned",
             "moe.enabled=true", "moe.prior=true", "moe.expert_types=null")
 
@@ -80,27 +79,6 @@ examples:
       --set backbone.name=/path/to/all-MiniLM-L6-v2
   python -m training.ablation --only lst mp_ismoe --seeds 0 --set train.max_steps=20
 """
-
-
-def run_one(cmd: list[str], out: Path, label: str) -> dict:
-    """One training subprocess; its output goes to OUT/ablation.log; returns metrics or the last error line."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's result
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # runs from a plain checkout
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-    t0 = time.perf_counter()
-    with open(out / "ablation.log", "w", buffering=1) as log, subprocess.Popen(  # line-buffered: tail -f works
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith("[train] test accuracy"):
-                print(f"  {label}: {line.rstrip()}", flush=True)
-    result = {"command": shlex.join(cmd), "wall_s": time.perf_counter() - t0, "out": str(out)}
-    if proc.returncode == 0 and (out / "metrics.json").is_file():
-        return {**result, "status": "ok", "metrics": json.loads((out / "metrics.json").read_text())}
-    lines = [t.strip() for t in (out / "ablation.log").read_text().splitlines() if t.strip()]
-    return {**result, "status": "failed", "error": lines[-1] if lines else f"exit code {proc.returncode}"}
 
 
 def collect_one(cmd: list[str], out: Path) -> dict:
@@ -273,7 +251,7 @@ def main(argv=None) -> int:
             results[name].append({"seed": seed, **collect_one(cmd, out)})
             continue
         print(f"[ablation] {i}/{len(runs)} {name} seed {seed}: log in {out / 'ablation.log'}", flush=True)
-        r = run_one(cmd, out, f"{name} seed {seed}")
+        r = run_training(cmd, out, f"{name} seed {seed}", "ablation.log", echo="[train] test accuracy")
         print(f"[ablation] {name} seed {seed}: " + (f"test acc {r['metrics']['test_accuracy']:.4f}"
               if r["status"] == "ok" else f"FAILED: {r['error']}") + f" ({r['wall_s']:.0f} s)", flush=True)
         results[name].append({"seed": seed, **r})

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import METHOD_PRESETS, METHODS, ConfigError, load_config
+from .harness import run_training
 
 # Per-method learning rates, the usual values for each (AdamW, linear decay). They replace the
 # config's train.lr; `--set train.lr=X` applies X to every method, `--lr lora=1e-4` to one.
@@ -45,26 +46,6 @@ def method_overrides(method: str, lr: float) -> list[str]:
     """The preset's section values, stated explicitly (the config file may contradict them), and the lr."""
     preset = [f"{s}.{k}={json.dumps(v)}" for s, vals in METHOD_PRESETS[method].items() for k, v in vals.items()]
     return [f"train.method={method}", *preset, f"train.lr={lr:g}"]
-
-
-def run_method(method: str, cmd: list[str], out: Path) -> dict:
-    """Run one training subprocess; echo its [train] lines; return its metrics or its last error line."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a stale file must not pass for this run's result
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    with open(out / "compare.log", "w") as log, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith("[train]"):
-                print(f"  {method}: {line.rstrip()}", flush=True)
-    result = {"method": method, "command": shlex.join(cmd), "wall_s": time.perf_counter() - t0,
-              "returncode": proc.returncode, "log": str(out / "compare.log")}
-    if proc.returncode == 0 and (out / "metrics.json").is_file():
-        return {**result, "status": "ok", "metrics": json.loads((out / "metrics.json").read_text())}
-    lines = [t.strip() for t in (out / "compare.log").read_text().splitlines() if t.strip()]
-    return {**result, "status": "failed", "error": lines[-1] if lines else f"exit code {proc.returncode}, no output"}
 
 
 def runtime_floor_gib() -> float | None:
@@ -199,7 +180,7 @@ def run_all(args, lr: dict, overrides: dict) -> list[dict]:
         cmd = [sys.executable, "-m", "training", *(["--config", str(args.config)] if args.config else []),
                "--out", str(args.out_dir / m), *[a for o in overrides[m] for a in ("--set", o)], "--no-progress"]
         print(f"[compare] {i}/{len(args.methods)} {m} (lr {lr[m]:g}): log in {args.out_dir / m}", flush=True)
-        r = run_method(m, cmd, args.out_dir / m)
+        r = {"method": m, **run_training(cmd, args.out_dir / m, m, "compare.log")}
         done = (f"test acc {r['metrics']['test_accuracy']:.4f}, peak {r['metrics']['peak_memory_gib']:.3f} GiB"
                 if r["status"] == "ok" else f"FAILED: {r['error']}")
         print(f"[compare] {m}: {done} ({r['wall_s']:.0f} s)", flush=True)

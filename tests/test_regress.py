@@ -254,4 +254,4 @@ def test_a_corrupt_artifact_is_a_one_line_error(tiny_run, tmp_path, capsys):
     write_manifest(run / "onnx", "onnx", {"precision": "int8-weight"})
     assert main(["--run", str(run), "--baseline", str(COMMITTED), *FAST]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{graph} could not be loaded" in err
+    assert len(err.splitlines()) == 1 and f"{graph} is not a readable ONNX model" in err and "make export" in err

@@ -1,6 +1,6 @@
 """CPU latency of the exported graphs (ONNX Runtime) against PyTorch eager, on the same texts.
 
-    python -m benchmarks.export_bench --run runs/default [--threads 2] [--repeats N]
+    python -m benchmarks.export_bench --run runs/default [--threads 2 [1 ...]] [--repeats N]
 
 Backbone + adapter, token ids in, logits out, at batch 1 and 32 with every sequence padded or
 truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl). Engines:
@@ -8,10 +8,16 @@ truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl
   torch fp32      the same weights dequantized once into plain nn.Linear/nn.Embedding (reference)
   ort level 1     onnx/backbone.onnx + adapter.onnx, MatMulNBits accuracy level 1 (exact, the default)
   ort level 4     the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
-torch and ONNX Runtime both run on --threads threads (default 2). Each cell: warmup, then the median
-and p90 of --repeats timed calls (a cell stops early after --cell-seconds, keeping >= 5 repeats); all
-ratios come from this one run. Also records backbone.onnx size against an fp32 export and each
-engine's max |logits - torch int8| on the timed batch. Writes --out-json and --out-md.
+torch and ONNX Runtime both run on --threads threads (default 2; several values give one table
+each). Each cell: warmup, then the median and p90 of --repeats timed calls (a cell stops early after
+--cell-seconds, keeping >= 5 repeats); all ratios come from this one run. Also records backbone.onnx
+size against an fp32 export and each engine's max |logits - torch int8| on the timed batch.
+Writes --out-json and --out-md.
+
+Contention probe: where other processes hold the cores, a multi-threaded op waits for its other
+threads to be scheduled, so every parallel region costs a scheduler time slice (milliseconds, not
+microseconds). Before and after each table a small LayerNorm is timed at N threads and at 1 thread;
+when N threads are several times slower than 1, the table is flagged as contended.
 """
 from __future__ import annotations
 
@@ -34,7 +40,6 @@ import torch
 
 SEQ = 128
 BATCHES = (1, 32)
-ENGINES = ("torch int8", "torch fp32", "ort level 1", "ort level 4")
 
 
 def cpu_model() -> str:
@@ -146,6 +151,24 @@ def _manifest_precision(onnx_dir: Path) -> str | None:
     return json.loads(m.read_text()).get("precision") if m.is_file() else None
 
 
+def contention_probe(threads: int) -> dict:
+    """ms per small LayerNorm at `threads` and at 1 thread; contended when N threads are far slower."""
+    x, ln = torch.randn(1, SEQ, 384), torch.nn.LayerNorm(384)
+
+    def ms(n: int) -> float:
+        torch.set_num_threads(n)
+        with torch.inference_mode():
+            ln(x)
+            t0 = time.perf_counter()
+            for _ in range(50):
+                ln(x)
+        return (time.perf_counter() - t0) / 50 * 1e3
+    one, many = ms(1), ms(threads)
+    torch.set_num_threads(threads)
+    return {"layernorm_ms_1_thread": one, "layernorm_ms_n_threads": many,
+            "contended": threads > 1 and many > 4 * one + 0.05}
+
+
 def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, log=print) -> list[dict]:
     """Every engine on every batch; ratios against the torch rows of the same batch size."""
     rows = []
@@ -154,8 +177,9 @@ def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_second
         for name, fn in engines.items():  # "torch int8" first: the reference for the logits check
             times, outputs[name] = time_calls(lambda: fn(batch), repeats, warmup, cell_seconds)
             diff = float(np.abs(outputs[name] - outputs["torch int8"]).max())
-            cell[name] = {"engine": name, "batch": bs, "seq": SEQ, "median_ms": statistics.median(times),
-                          "p90_ms": p90(times), "repeats": len(times), "max_abs_logits_vs_torch_int8": diff}
+            cell[name] = {"threads": torch.get_num_threads(), "engine": name, "batch": bs, "seq": SEQ,
+                          "median_ms": statistics.median(times), "p90_ms": p90(times), "repeats": len(times),
+                          "max_abs_logits_vs_torch_int8": diff}
             log(f"[bench] batch {bs:>2} {name:<12} median {cell[name]['median_ms']:9.2f} ms  "
                 f"p90 {cell[name]['p90_ms']:9.2f} ms  ({len(times)} repeats)")
         for r in cell.values():
@@ -164,6 +188,18 @@ def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_second
             r["sequences_per_s"] = 1e3 * bs / r["median_ms"]
             rows.append(r)
     return rows
+
+
+def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
+    """One table per thread count, each bracketed by a contention probe."""
+    tables = []
+    for n in a.threads:
+        torch.set_num_threads(n)
+        before = contention_probe(n)
+        results = measure({**torch_fns, **ort_engines(a.run / "onnx", n)}, batches, a.repeats, a.warmup,
+                          a.cell_seconds)
+        tables.append({"threads": n, "probe_before": before, "probe_after": contention_probe(n), "results": results})
+    return tables
 
 
 def format_table(rows: list[dict]) -> list[str]:
@@ -177,6 +213,20 @@ def format_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def table_section(block: dict) -> list[str]:
+    n = block["threads"]
+    lines = [f"## {n} thread{'s' if n > 1 else ''}", "",
+             f"torch: {n} intra-op thread(s), 1 inter-op; ONNX Runtime: {n} intra-op thread(s), 1 inter-op.", ""]
+    probes = (block["probe_before"], block["probe_after"])
+    if any(p["contended"] for p in probes):
+        seen = " / ".join(f"{p['layernorm_ms_n_threads']:.2f} ms at {n} threads vs {p['layernorm_ms_1_thread']:.3f} ms "
+                          "at 1 thread" for p in probes)
+        lines += [f"**Contended.** A 128x384 LayerNorm took {seen} (before / after): other processes held these "
+                  "cores, so every parallel region waited for a time slice. This table measures the machine's "
+                  "scheduling more than the models; read the 1-thread table, or re-run on idle cores.", ""]
+    return lines + format_table(block["results"]) + [""]
+
+
 def write_markdown(path: Path, result: dict) -> None:
     s, e = result["sizes"], result["environment"]
     lines = [
@@ -185,13 +235,16 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Machine: {e['machine']}, {e['cpu']}, {e['cpu_count']} logical CPUs visible, load average at start "
         f"{', '.join(f'{x:.1f}' for x in e['load_average'])} (1/5/15 min)  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items()) + "  ",
-        f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})  ",
-        f"Threads: torch {result['threads']} (intra-op), ONNX Runtime {result['threads']} (intra-op, 1 inter-op); "
-        f"sequence exactly {SEQ} tokens (random held-out texts, padded/truncated); warmup {result['warmup']}, "
-        f"up to {result['repeats']} timed calls per cell (cell time cap {result['cell_seconds']} s).", "",
-        "Each call is token ids -> logits: backbone then adapter. `x vs ...` is the median-latency ratio "
-        "(higher = faster than that PyTorch engine), all from this one run.", "",
-        *format_table(result["results"]), "",
+        f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})", "",
+        f"Each call is token ids -> logits (backbone then adapter) on sequences of exactly {SEQ} tokens (random "
+        f"held-out texts, padded/truncated); warmup {result['warmup']}, up to {result['repeats']} timed calls per "
+        f"cell (cell cap {result['cell_seconds']} s); {result['measure_time_s']:.0f} s of measuring in all. "
+        "`x vs ...` is the ratio of median latencies (higher = faster than that PyTorch engine), within one "
+        "thread setting of this one run.", "",
+    ]
+    for block in result["tables"]:
+        lines += table_section(block)
+    lines += [
         "| size | bytes |", "|---|---|",
         f"| backbone.onnx (+ .data), {s['precision']} | {s['backbone_onnx_bytes']:,} |",
         f"| fp32 backbone export ({s['fp32_size_source']}) | {s['backbone_fp32_onnx_bytes']:,} |",
@@ -210,10 +263,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--cell-seconds", type=float, default=35.0, help="stop a cell after this long (>= 5 repeats)")
+    p.add_argument("--cell-seconds", type=float, default=30.0, help="stop a cell after this long (>= 5 repeats)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", type=Path, default=Path("docs/export_bench.json"))
     p.add_argument("--out-md", type=Path, default=Path("docs/export_bench.md"))
@@ -224,7 +277,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(a.threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
@@ -237,23 +289,22 @@ def main(argv=None) -> int:
         return 2
     model, cfg, meta, tokenizer = load_checkpoint(a.run / "checkpoint")
     rows = read_examples(a.run / "checkpoint")
-    engines = {**torch_engines(model), **ort_engines(a.run / "onnx", a.threads)}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if meta["backbone"]["has_token_type_ids"] else [])
     batches = {bs: make_batch(rows, tokenizer, bs, names, a.seed + bs) for bs in BATCHES}
     env = {"machine": f"{platform.node()} {platform.machine()}", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "load_average": os.getloadavg(), "versions": versions()}
     t0 = time.perf_counter()
-    results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds)
+    tables = run_tables(a, torch_engines(model), batches)
     result = {
         "command": "python -m benchmarks.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "run": str(a.run), "backbone": cfg.backbone.name, "task": meta["task"], "threads": a.threads,
         "repeats": a.repeats, "warmup": a.warmup, "cell_seconds": a.cell_seconds, "seq": SEQ,
-        "environment": env,
-        "sizes": backbone_sizes(a.run, model, meta), "results": results,
-        "measure_time_s": time.perf_counter() - t0, "note": a.note,
+        "environment": env, "measure_time_s": time.perf_counter() - t0,
+        "sizes": backbone_sizes(a.run, model, meta), "tables": tables, "note": a.note,
     }
-    print("\n".join(format_table(results)))
+    for block in tables:
+        print("\n".join(table_section(block)))
     s = result["sizes"]
     print(f"backbone.onnx {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x fp32 ({s['backbone_fp32_onnx_bytes']:,})")
     a.out_json.parent.mkdir(parents=True, exist_ok=True)

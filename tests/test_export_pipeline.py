@@ -4,6 +4,7 @@ artifacts and failure modes; every expert reached through ONNX Runtime; fp16 and
 The exported checkpoint is the tiny trained one with its routers forced to spread tokens over
 all experts and its experts made clearly different, so the parity gate itself proves that the
 exported top-k MoE computes every expert (a graph that dropped one would miss the tolerance).
+Sessions and the export run on one thread: on shared cores, two threads wait on each other.
 """
 import json
 import os
@@ -29,6 +30,16 @@ from training.checkpoint import (BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, 
                                  save_checkpoint)
 from training.data import make_loader
 from training.model import BackboneInfo
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -69,7 +80,7 @@ def exported(tmp_path_factory, toy_csv):
     extra = {n: (src / "checkpoint" / n).read_text() for n in (HELDOUT_FILE, CALIBRATION_FILE)}
     save_checkpoint(run, model, cfg, BackboneInfo(**meta["backbone"]), tokenizer, meta["labels"], meta["task"],
                     meta["text_pair"], metrics, extra_files=extra)
-    report = run_export(run, ExportConfig(threads=2, compare_fp32_size=False), log=lambda *a: None)
+    report = run_export(run, ExportConfig(threads=1, compare_fp32_size=False), log=lambda *a: None)
     return run, report, model, meta, tokenizer
 
 
@@ -108,7 +119,7 @@ def test_exported_adapter_computes_every_expert(exported):
     run, _, model, meta, tokenizer = exported
     batch = heldout_batch(run, tokenizer, meta)
     hs, cls, ref, _ = adapter_io(model, batch)
-    sess = make_session(run / "onnx" / "adapter.onnx", threads=2)
+    sess = make_session(run / "onnx" / "adapter.onnx", threads=1)
     (logits,) = sess.run(None, {"hidden_states": hs.numpy(), "cls_states": cls.numpy(),
                                 "attention_mask": batch["attention_mask"].numpy()})
     np.testing.assert_allclose(logits, ref.numpy(), rtol=1e-4, atol=1e-5)
@@ -134,7 +145,8 @@ def test_parity_json_has_both_accuracy_levels_and_passes(exported):
     assert exact["passed"] and exact["label_agreement"] == 1.0
     assert exact["max_abs_error"]["logits"] < 1e-4 and exact["max_abs_error"]["hidden_states"] < 1e-4
     assert exact["accuracy_pytorch"] == exact["accuracy_onnxruntime"]
-    assert exact["tolerance"]["max_abs"] == {"hidden_states": 1e-3, "cls_states": 1e-3, "logits": 1e-3}
+    assert exact["tolerance"]["max_abs"] == TOLERANCES["int8-weight"].max_abs
+    assert exact["tolerance"]["max_abs"]["logits"] <= 1e-3
     assert fast["max_abs_error"]["hidden_states"] >= exact["max_abs_error"]["hidden_states"]  # level 4 is lossier
 
 
@@ -171,7 +183,7 @@ def test_corrupt_checkpoint_fails_the_export_and_leaves_no_onnx(exported, tmp_pa
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=BACKBONE_FILE):
-        run_export(run, ExportConfig(threads=2), log=lambda *a: None)
+        run_export(run, ExportConfig(threads=1), log=lambda *a: None)
     assert sorted(x.name for x in run.iterdir()) == ["checkpoint"]
 
 
@@ -211,7 +223,7 @@ def other_precision(exported, tmp_path_factory):
         else:
             export_backbone(model, spec.backbone, out / "backbone.onnx", precision)
         report = check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"], out / "backbone.onnx",
-                              out / "adapter.onnx", precision, accuracy_level=1, threads=2)
+                              out / "adapter.onnx", precision, accuracy_level=1, threads=1)
         return out, report
     return build
 

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--parity-rows", type=int, default=None, help="held-out rows for parity (default: all)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / torch threads")
     p.add_argument("--tensorrt", choices=("auto", "off"), default="auto")
+    p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
+                   help="w8a8 activation calibration (ONNX Runtime's calibrators)")
     p.add_argument("--no-fp32-size", action="store_true", help="skip the fp32 reference export used for the size ratio")
     for name in ("min_batch", "opt_batch", "max_batch", "min_seq", "opt_seq", "max_seq"):
         default = next(f.default for f in fields(ExportConfig) if f.name == name)
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         cfg = ExportConfig(precision=a.precision, opset=a.opset, parity_rows=a.parity_rows, threads=a.threads,
-                           tensorrt=a.tensorrt, compare_fp32_size=not a.no_fp32_size, min_batch=a.min_batch,
+                           tensorrt=a.tensorrt, calibration=a.calibration, compare_fp32_size=not a.no_fp32_size, min_batch=a.min_batch,
                            opt_batch=a.opt_batch, max_batch=a.max_batch, min_seq=a.min_seq, opt_seq=a.opt_seq,
                            max_seq=a.max_seq)
         run_export(a.run, cfg)

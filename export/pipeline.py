@@ -45,6 +45,7 @@ class ExportConfig:
     threads: int | None = None
     polygraphy_batches: int = 2
     compare_fp32_size: bool = True
+    calibration: str = "minmax"  # w8a8 activation calibration: minmax | percentile | entropy
     tensorrt: str = "auto"  # auto (build where tensorrt imports) | off
     min_batch: int = 1
     opt_batch: int = 8
@@ -58,6 +59,8 @@ class ExportConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 19 <= self.opset <= 25:
             raise ValueError(f"opset must be in [19, 25] (fp16 scales need 19; TensorRT parses up to 25), got {self.opset}")
+        if self.calibration not in ("minmax", "percentile", "entropy"):
+            raise ValueError("calibration must be minmax, percentile or entropy")
         if self.tensorrt not in ("auto", "off"):
             raise ValueError("tensorrt must be auto or off")
 
@@ -68,8 +71,9 @@ def io_spec_for(meta: dict, precision: str) -> IOSpec:
                          len(b["tap_layers"]) + 1, b["has_token_type_ids"], precision)
 
 
-def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16):
-    loader = make_loader(to_examples(rows, labels), tokenizer, max_length, batch_size, shuffle=False)
+def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16, pad_to_max_length=False):
+    loader = make_loader(to_examples(rows, labels), tokenizer, max_length, batch_size, shuffle=False,
+                         pad_to_max_length=pad_to_max_length)
     return [b for _, b in zip(range(n_batches), loader)]
 
 
@@ -80,12 +84,13 @@ def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path
         return export_backbone(model, spec.backbone, path, cfg.precision, cfg.opset)
     from .w8a8 import quantize_w8a8
 
-    calib = batches(read_examples(ckpt, CALIBRATION_FILE), meta["labels"], tokenizer, meta["max_length"], 16)
+    calib = batches(read_examples(ckpt, CALIBRATION_FILE), meta["labels"], tokenizer, meta["max_length"], 16,
+                    pad_to_max_length=True)  # histogram calibrators need one shape across batches
     names = [t.name for t in spec.backbone.inputs]
     feeds = [{k: b[k].numpy() for k in names} for b in calib]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_backbone(model, spec.backbone, Path(tmp) / "fp32.onnx", "fp32", cfg.opset)
-        return quantize_w8a8(fp32, path, feeds)
+        return quantize_w8a8(fp32, path, feeds, cfg.calibration)
 
 
 def polygraphy_parity(model, spec: IOSpec, out: Path, rows, tokenizer, meta, cfg: ExportConfig) -> dict:

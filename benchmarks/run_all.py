@@ -147,8 +147,10 @@ def section_export(data: dict | None, status: str) -> list[str]:
             f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
             "[export_bench.md](export_bench.md).", "",
             "| batch | engine | median ms | p90 ms | x vs torch int8 | max abs logits vs torch int8 |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_torch_int8']:.2f} "
-            f"| {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in data["results"]]
+    tables = data.get("tables") or [{"threads": data["threads"], "results": data["results"]}]  # one table per thread count
+    for t in tables:
+        out += [f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
+                f"| {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
     out += ["", f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
             f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).", ""]
     return out

@@ -28,6 +28,17 @@ def write_toy_csv(path, n: int = 240, seed: int = 0) -> str:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def toy_csv(tmp_path_factory):
     return write_toy_csv(tmp_path_factory.mktemp("data") / "toy.csv")

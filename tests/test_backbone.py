@@ -10,15 +10,6 @@ from training.model import SideTuned, backbone_info, build_side_model
 from training.quant import QuantizedLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 H, L, V, PAD = 32, 3, 100, 1
 
 

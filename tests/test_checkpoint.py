@@ -14,15 +14,6 @@ from training.config import load_config
 from training.model import build_side_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LABELS = ["neg", "pos"]
 TEXTS = ["a wonderful film", "the plot was dull and the actors boring, really quite tedious", "superb"]
 

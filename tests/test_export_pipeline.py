@@ -32,15 +32,6 @@ from training.data import make_loader
 from training.model import BackboneInfo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 

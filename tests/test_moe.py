@@ -8,15 +8,6 @@ import torch.nn.functional as F
 from training.moe import DenseFFN, FFNExperts, MoEBlock, dense_gate, load_balancing_loss, route, router_z_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 N, D, F_DIM, BD = 4, 16, 32, 24  # experts, side width, FFN width, backbone width
 
 

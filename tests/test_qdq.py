@@ -21,15 +21,6 @@ from training.config import QuantConfig
 from training.quant import QuantizedEmbedding, QuantizedLinear, quantize_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 

@@ -11,15 +11,6 @@ from training.moe import DenseFFN, MoEBlock
 from training.side import Adapter, SideAttention, prune_init_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On shared cores two intra-op threads wait for each other's time slices; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 D, FFN, K, C = 32, 64, 3, 3  # backbone width, backbone FFN width, taps, labels
 
 

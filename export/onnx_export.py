@@ -26,9 +26,9 @@ INT4_OPSET = 21  # INT4 and blocked DequantizeLinear
 class BackboneGraph(nn.Module):
     """(input_ids, attention_mask[, token_type_ids]) -> (hidden_states, cls_states)."""
 
-    def __init__(self, tap: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, tap: nn.Module):
         super().__init__()
-        self.tap, self.dtype = tap, dtype
+        self.tap = tap
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         hidden_states, cls_states = self.tap(input_ids, attention_mask, token_type_ids)
@@ -91,10 +91,9 @@ def export_backbone(model: SideTuned, io: ModelIO, path: Path, precision: str = 
     convert_for_export_(tap.encoder, precision)
     if precision == "int4-weight":
         opset = max(opset, INT4_OPSET)
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    if dtype == torch.float16:
-        tap.half()
-    path = _export(BackboneGraph(tap, dtype), io, Path(path), opset)
+    if precision == "fp16":
+        tap.half()  # fp16 compute; BackboneGraph keeps the I/O in fp32
+    path = _export(BackboneGraph(tap), io, Path(path), opset)
     if precision == "int4-weight":
         retype_int4_initializers(path)
     return path

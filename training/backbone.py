@@ -140,7 +140,6 @@ class BackboneTap(nn.Module):
         self.tap_layers = list(tap_layers)  # 1-based encoder layer indices
         self.layernorm = layernorm
         self.cls_mode = cls_mode
-        self.has_token_type_ids = getattr(encoder.config, "type_vocab_size", 0) > 1 or encoder.config.model_type == "bert"
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self._hooks = []

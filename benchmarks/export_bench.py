@@ -1,13 +1,15 @@
 """CPU latency of the exported graphs (ONNX Runtime) against PyTorch eager, on the same texts.
 
-    python -m benchmarks.export_bench --run runs/default [--threads 2 [1 ...]] [--repeats N]
+    python -m benchmarks.export_bench --run runs/default [--extra-onnx runs/default_w8a8/onnx]
+                                      [--threads 2 [1 ...]] [--repeats N]
 
 Backbone + adapter, token ids in, logits out, at batch 1 and 32 with every sequence padded or
 truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl). Engines:
   torch int8      the checkpoint as trained: GNP-IQ int8 backbone dequantized on the fly (eager fp32)
   torch fp32      the same weights dequantized once into plain nn.Linear/nn.Embedding (reference)
-  ort level 1     onnx/backbone.onnx + adapter.onnx, MatMulNBits accuracy level 1 (exact, the default)
-  ort level 4     the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
+  ort P L1        onnx/backbone.onnx + adapter.onnx (P = their precision), accuracy level 1 (the default)
+  ort P L4        the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
+  ort Q L1        each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8)
 torch and ONNX Runtime both run on --threads threads (default 2; several values give one table
 each). Each cell: warmup, then the median and p90 of --repeats timed calls (a cell stops early after
 --cell-seconds, keeping >= 5 repeats); all ratios come from this one run. Also records backbone.onnx
@@ -109,12 +111,13 @@ def torch_engines(model) -> dict:
     return {"torch int8": runner(model), "torch fp32": runner(fp32)}
 
 
-def ort_engines(onnx_dir: Path, threads: int) -> dict:
-    """backbone.onnx -> adapter.onnx at accuracy levels 1 and 4: batch -> logits."""
+def ort_engines(onnx_dir: Path, threads: int, levels=(1, 4)) -> dict:
+    """backbone.onnx -> adapter.onnx at each accuracy level: batch -> logits."""
     from export.ort_session import make_session
 
     engines = {}
-    for level in (1, 4):
+    precision = _manifest_precision(onnx_dir) or "onnx"
+    for level in levels:
         backbone = make_session(onnx_dir / "backbone.onnx", threads, level)
         adapter = make_session(onnx_dir / "adapter.onnx", threads, level)
         names = [i.name for i in backbone.get_inputs()]
@@ -124,7 +127,7 @@ def ort_engines(onnx_dir: Path, threads: int) -> dict:
             hs, cls = backbone.run(None, feeds)
             return adapter.run(None, {"hidden_states": hs, "cls_states": cls,
                                       "attention_mask": feeds["attention_mask"]})[0]
-        engines[f"ort level {level}"] = run
+        engines[f"ort {precision} L{level}"] = run
     return engines
 
 
@@ -185,6 +188,7 @@ def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_second
         for r in cell.values():
             r["speedup_vs_torch_int8"] = cell["torch int8"]["median_ms"] / r["median_ms"]
             r["speedup_vs_torch_fp32"] = cell["torch fp32"]["median_ms"] / r["median_ms"]
+            r["latency_ratio_vs_torch_fp32"] = r["median_ms"] / cell["torch fp32"]["median_ms"]
             r["sequences_per_s"] = 1e3 * bs / r["median_ms"]
             rows.append(r)
     return rows
@@ -196,19 +200,22 @@ def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
     for n in a.threads:
         torch.set_num_threads(n)
         before = contention_probe(n)
-        results = measure({**torch_fns, **ort_engines(a.run / "onnx", n)}, batches, a.repeats, a.warmup,
-                          a.cell_seconds)
+        engines = {**torch_fns, **ort_engines(a.run / "onnx", n)}
+        for extra in a.extra_onnx:
+            engines.update(ort_engines(extra, n, levels=(1,)))
+        results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds)
         tables.append({"threads": n, "probe_before": before, "probe_after": contention_probe(n), "results": results})
     return tables
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    head = ("| batch | engine | median ms | p90 ms | repeats | x vs torch int8 | x vs torch fp32 | seq/s "
-            "| max abs logits vs torch int8 |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| batch | engine | median ms | p90 ms | repeats | latency / torch fp32 | x vs torch int8 | x vs torch fp32 "
+            "| seq/s | max abs logits vs torch int8 |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['repeats']} "
-                     f"| {r['speedup_vs_torch_int8']:.2f} | {r['speedup_vs_torch_fp32']:.2f} "
+                     f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} "
+                     f"| {r['speedup_vs_torch_fp32']:.2f} "
                      f"| {r['sequences_per_s']:.1f} | {r['max_abs_logits_vs_torch_int8']:.2e} |")
     return lines
 
@@ -251,8 +258,9 @@ def write_markdown(path: Path, result: dict) -> None:
         f"| ratio | {s['ratio']:.3f} |", "",
         "Engines: `torch int8` = the checkpoint as trained (int8 codes dequantized on the fly in every "
         "forward); `torch fp32` = the same weights dequantized once into nn.Linear/nn.Embedding; "
-        "`ort level N` = the exported graphs with `session.qdq_matmulnbits_accuracy_level=N` "
-        "(1: fp32 activations, exact; 4: int8 activations inside MatMulNBits).",
+        "`ort P LN` = graphs exported in precision P, run with `session.qdq_matmulnbits_accuracy_level=N` "
+        "(1: fp32 activations, exact; 4: int8 activations inside MatMulNBits; w8a8 graphs run int8 "
+        "GEMMs at any level). `latency / torch fp32` is the ratio issue 3 targets (<= 0.6 at batch 32).",
     ]
     if result.get("note"):
         lines += ["", result["note"]]
@@ -263,6 +271,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/")
+    p.add_argument("--extra-onnx", type=Path, nargs="*", default=[],
+                   help="more export directories of the same checkpoint to time at accuracy level 1 "
+                        "(e.g. a w8a8 export: runs/default_w8a8/onnx)")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
@@ -287,6 +298,10 @@ def main(argv=None) -> int:
         print(f"error: {a.run / 'onnx' / 'backbone.onnx'} is missing: run `make export RUN={a.run}` first",
               file=sys.stderr)
         return 2
+    for extra in a.extra_onnx:
+        if not (extra / "backbone.onnx").is_file():
+            print(f"error: --extra-onnx {extra} has no backbone.onnx", file=sys.stderr)
+            return 2
     model, cfg, meta, tokenizer = load_checkpoint(a.run / "checkpoint")
     rows = read_examples(a.run / "checkpoint")
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if meta["backbone"]["has_token_type_ids"] else [])

@@ -146,14 +146,20 @@ def section_export(data: dict | None, status: str) -> list[str]:
     out += [f"{status}. From `docs/export_bench.json` ({data['date']} UTC, {e['cpu']}, {e['cpu_count']} CPUs, "
             f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
             "[export_bench.md](export_bench.md).", "",
-            "| batch | engine | median ms | p90 ms | x vs torch int8 | max abs logits vs torch int8 |", "|---|---|---|---|---|---|"]
+            "| batch | engine | median ms | p90 ms | latency / torch fp32 | x vs torch int8 | max abs logits vs torch int8 |",
+            "|---|---|---|---|---|---|---|"]
     tables = data.get("tables") or [{"threads": data["threads"], "results": data["results"]}]  # one table per thread count
     for t in tables:
         out += [f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
-                f"| {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
+                f"| {r['median_ms'] / t_fp32(t, r['batch']):.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
     out += ["", f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
             f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).", ""]
     return out
+
+
+def t_fp32(table: dict, batch: int) -> float:
+    """The torch fp32 median of `batch` in one thread table (the reference of issue 3's ratio)."""
+    return next(r["median_ms"] for r in table["results"] if r["batch"] == batch and r["engine"] == "torch fp32")
 
 
 def section_serving(data: dict | None, status: str, path: Path, command: str | None) -> list[str]:
@@ -304,6 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed requests per runtime first")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: the libraries' default, all cores)")
     p.add_argument("--export-repeats", type=int, default=20, help="timed calls per export-bench cell")
+    p.add_argument("--extra-onnx", type=Path, nargs="*", default=[],
+                   help="more exports of RUN's checkpoint for the export bench (e.g. runs/default_w8a8/onnx)")
     p.add_argument("--skip-runtimes", action="store_true", help="do not re-measure latency/accuracy per runtime")
     p.add_argument("--skip-export-bench", action="store_true", help="do not run benchmarks/export_bench.py")
     p.add_argument("--skip-serving", action="store_true", help="no tritonserver: no Triton runtime, no serving_bench.py")
@@ -332,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.render_only and not a.skip_export_bench:
         steps["export"] = run_step("export bench", ["-m", "benchmarks.export_bench", "--run", str(a.run), *threads,
                                                     "--repeats", str(a.export_repeats), "--out-json", str(a.docs / "export_bench.json"),
-                                                    "--out-md", str(a.docs / "export_bench.md")])
+                                                    "--out-md", str(a.docs / "export_bench.md"),
+                                                    *(["--extra-onnx", *map(str, a.extra_onnx)] if a.extra_onnx else [])])
     if not a.render_only and not a.skip_serving:
         ort = ["--ort-threads", str(a.threads)] if a.threads else []
         steps["serving"] = run_step("serving bench", ["-m", "benchmarks.serving_bench", "--run", str(a.run), *ort,

@@ -32,7 +32,10 @@ TOLERANCES = {
     "int8-weight": Tolerance(EXACT, 0.995, 0.005),
     "fp32": Tolerance(EXACT, 0.995, 0.005),
     "fp16": Tolerance({"logits": 5e-2}, 0.98, 0.01),
-    "w8a8": Tolerance(None, 0.95, 0.01),
+    # w8a8 is judged by accuracy (within one point). Int8 activations flip ~5% of the labels that sit
+    # near the decision boundary without moving accuracy; 0.93 agreement catches a broken graph
+    # (quantized MatMul outputs gave 0.87), not ordinary int8 noise.
+    "w8a8": Tolerance(None, 0.93, 0.01),
     "int4-weight": Tolerance(None, 0.90, 0.03),
 }
 

@@ -24,7 +24,7 @@ from training.data import make_loader
 
 from . import polygraphy_checks, tensorrt_build
 from .io_spec import IOSpec, build_io_spec, save_io_spec
-from .onnx_export import export_adapter, export_backbone, onnx_size_bytes
+from .onnx_export import DEFAULT_OPSET, export_adapter, export_backbone, onnx_size_bytes
 from .ort_session import EXACT_ACCURACY_LEVEL, FAST_ACCURACY_LEVEL
 from .parity import TOLERANCES, check_parity, to_examples
 from .qdq import PRECISIONS
@@ -40,7 +40,7 @@ class ExportError(RuntimeError):
 @dataclass
 class ExportConfig:
     precision: str = "int8-weight"
-    opset: int = 19
+    opset: int = DEFAULT_OPSET
     parity_rows: int | None = None  # None: the whole held-out split
     threads: int | None = None
     polygraphy_batches: int = 2
@@ -78,7 +78,7 @@ def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16, pad_t
 
 
 def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path, tokenizer, meta) -> Path:
-    """backbone.onnx in cfg.precision; w8a8 goes through an fp32 export and ORT's static calibrator."""
+    """backbone.onnx in cfg.precision; w8a8 goes through a float-linear export and ORT's static calibrator."""
     path = out / "backbone.onnx"
     if cfg.precision != "w8a8":
         return export_backbone(model, spec.backbone, path, cfg.precision, cfg.opset)
@@ -89,8 +89,8 @@ def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path
     names = [t.name for t in spec.backbone.inputs]
     feeds = [{k: b[k].numpy() for k in names} for b in calib]
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_backbone(model, spec.backbone, Path(tmp) / "fp32.onnx", "fp32", cfg.opset)
-        return quantize_w8a8(fp32, path, feeds, cfg.calibration)
+        float_linears = export_backbone(model, spec.backbone, Path(tmp) / "float.onnx", "w8a8", cfg.opset)
+        return quantize_w8a8(float_linears, path, feeds, cfg.calibration)
 
 
 def polygraphy_parity(model, spec: IOSpec, out: Path, rows, tokenizer, meta, cfg: ExportConfig) -> dict:

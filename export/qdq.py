@@ -123,8 +123,8 @@ def convert_for_export_(module: nn.Module, precision: str, int4_block: int = 32)
     """Replace quantized modules in place by their export form for `precision`.
 
     int8-weight: symmetric int8 DQ linears + int8 gather embeddings (exact). int4-weight: blocked
-    int4 linears (embeddings stay int8). fp32 / fp16 / w8a8: dequantized float modules (w8a8 is
-    quantized afterwards by ONNX Runtime's calibrator).
+    int4 linears (embeddings stay int8). w8a8: dequantized float linears (quantized afterwards by
+    ONNX Runtime's calibrator) and the exact int8 gather embeddings. fp32 / fp16: dequantized float.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -134,7 +134,7 @@ def convert_for_export_(module: nn.Module, precision: str, int4_block: int = 32)
                 precision, dequantized_linear)(child)
             setattr(module, name, new)
         elif isinstance(child, QuantizedEmbedding):
-            setattr(module, name, Int8GatherEmbedding(child) if precision in ("int8-weight", "int4-weight")
+            setattr(module, name, Int8GatherEmbedding(child) if precision in ("int8-weight", "int4-weight", "w8a8")
                     else dequantized_embedding(child))
         else:
             convert_for_export_(child, precision, int4_block)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -238,3 +239,29 @@ def test_w8a8_export_quantizes_activations_and_runs(other_precision):
     assert errors == []  # symmetric int8 with explicit axes
     assert report["rows"] == 24 and report["passed"], report["failures"]
     assert report["label_agreement"] >= TOLERANCES["w8a8"].min_label_agreement
+
+
+def test_w8a8_quantizes_gemm_inputs_only_and_every_gemm_runs_as_int8_in_onnxruntime(other_precision, tmp_path):
+    """Q/DQ sit on MatMul inputs only (never on outputs or the residual stream), and ONNX Runtime's
+    CPU optimizer turns every weight MatMul into MatMulIntegerToFloat (none left in fp32)."""
+    out, _ = other_precision("w8a8")
+    m = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer:
+            assert producer[n.input[0]].op_type != "MatMul", f"{n.name} quantizes a MatMul output"
+            for dq_out in (d.output[0] for d in m.graph.node if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]):
+                assert set(readers[dq_out]) == {"MatMul"}, f"{n.name}: non-GEMM readers {readers[dq_out]}"
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "backbone.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    inits = {i.name for i in m.graph.initializer}
+    weight_gemms = [n for n in m.graph.node if n.op_type == "MatMul" and producer[n.input[1]].op_type == "DequantizeLinear"
+                    and producer[n.input[1]].input[0] in inits]
+    assert weight_gemms and ops.count("MatMulIntegerToFloat") + ops.count("QLinearMatMul") >= len(weight_gemms)
+    assert "MatMul" not in ops, "a quantized GEMM was left in fp32"

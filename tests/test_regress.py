@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.parity import TOLERANCES
 from serving import regress
 from serving.regress import RegressError, Rule, check, compare, format_table, main, parse_tolerances, resolve_tolerances
 from tests.conftest import tiny_overrides
@@ -59,7 +60,7 @@ def test_tolerances_come_from_defaults_then_baseline_then_cli():
     tol = resolve_tolerances("int8-weight", {"accuracy": 0.05, "size": 0.2}, {"accuracy": 0.1})
     assert tol["accuracy"] == 0.1 and tol["size"] == 0.2
     lossy = resolve_tolerances("w8a8", None, None)
-    assert lossy["parity"] is None and lossy["agreement"] == 0.95
+    assert lossy["parity"] is None and lossy["agreement"] == TOLERANCES["w8a8"].min_label_agreement
     assert check("parity.logits_max_abs", 0.1, 0.5, lossy).status == "INFO"  # judged by agreement instead
     assert parse_tolerances(["latency=0.5", "agreement=0.9"]) == {"latency": 0.5, "agreement": 0.9}
     for bad in (["accuracy"], ["speed=1"], ["agreement=2"], ["size=-1"]):

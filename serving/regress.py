@@ -376,6 +376,8 @@ def resolve_tolerances(precision: str, stored: dict | None, cli: dict | None) ->
     gate = TOLERANCES.get(precision, TOLERANCES["int8-weight"])
     tol = dict(DEFAULT_TOLERANCES)
     tol["agreement"] = gate.min_label_agreement
+    # level 4 adds int8 activations to weight-only graphs; it cannot be held closer than level 1
+    tol["agreement_level4"] = min(tol["agreement_level4"], gate.min_label_agreement)
     tol["parity"] = (gate.max_abs or {}).get("logits")
     tol.update(stored or {})
     tol.update(cli or {})

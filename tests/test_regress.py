@@ -61,6 +61,8 @@ def test_tolerances_come_from_defaults_then_baseline_then_cli():
     assert tol["accuracy"] == 0.1 and tol["size"] == 0.2
     lossy = resolve_tolerances("w8a8", None, None)
     assert lossy["parity"] is None and lossy["agreement"] == TOLERANCES["w8a8"].min_label_agreement
+    assert lossy["agreement_level4"] == TOLERANCES["w8a8"].min_label_agreement  # w8a8 is as lossy at level 1
+    assert resolve_tolerances("int8-weight", None, None)["agreement_level4"] == 0.98
     assert check("parity.logits_max_abs", 0.1, 0.5, lossy).status == "INFO"  # judged by agreement instead
     assert parse_tolerances(["latency=0.5", "agreement=0.9"]) == {"latency": 0.5, "agreement": 0.9}
     for bad in (["accuracy"], ["speed=1"], ["agreement=2"], ["size=-1"]):

@@ -11,8 +11,10 @@ truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl
   ort P L4        the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
   ort Q L1        each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8)
 torch and ONNX Runtime both run on --threads threads (default 2; several values give one table
-each). Each cell: warmup, then the median and p90 of --repeats timed calls (a cell stops early after
---cell-seconds, keeping >= 5 repeats); all ratios come from this one run. Also records backbone.onnx
+each). The engines take turns: --rounds rounds, each giving every engine --warmup untimed calls and
+then a block of --repeats/--rounds timed ones, so a slow spell of a shared machine hits all engines
+(the rounds stop early after --cell-seconds per engine, keeping >= 5 calls each). Each cell is the
+median and p90 of its timed calls; all ratios come from this one run. Also records backbone.onnx
 size against an fp32 export and each engine's max |logits - torch int8| on the timed batch.
 Writes --out-json and --out-md.
 
@@ -76,19 +78,29 @@ def make_batch(rows: list[dict], tokenizer, batch: int, names: list[str], seed: 
     return out
 
 
-def time_calls(fn, repeats: int, warmup: int, cell_seconds: float):
-    """(milliseconds per call after `warmup` untimed calls, the last call's output)."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times, start = [], time.perf_counter()
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if i + 1 >= 5 and time.perf_counter() - start > cell_seconds:
+def time_in_rounds(fns: dict, repeats: int, warmup: int, cell_seconds: float, rounds: int):
+    """({engine: [ms per call]}, {engine: last output}) with the engines taking turns.
+
+    Each of `rounds` rounds gives every engine a block of repeats/rounds timed calls after `warmup`
+    untimed ones (which also absorb the other runtime's spinning threads). A slow spell of a shared
+    machine then lands on every engine rather than on one cell, so the ratios hold better. Stops
+    early once every engine has >= 5 calls and the rounds took longer than cell_seconds per engine.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outputs: dict = {}
+    block = max(1, -(-repeats // rounds))
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                outputs[name] = fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                outputs[name] = fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        if min(map(len, times.values())) >= 5 and time.perf_counter() - start > cell_seconds * len(fns):
             break
-    return times, out
+    return times, outputs
 
 
 def p90(xs: list[float]) -> float:
@@ -172,13 +184,15 @@ def contention_probe(threads: int) -> dict:
             "contended": threads > 1 and many > 4 * one + 0.05}
 
 
-def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, log=print) -> list[dict]:
-    """Every engine on every batch; ratios against the torch rows of the same batch size."""
+def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, rounds: int = 4,
+            log=print) -> list[dict]:
+    """Every engine on every batch, in rounds; ratios against the torch rows of the same batch size."""
     rows = []
     for bs, batch in batches.items():
-        cell, outputs = {}, {}
-        for name, fn in engines.items():  # "torch int8" first: the reference for the logits check
-            times, outputs[name] = time_calls(lambda: fn(batch), repeats, warmup, cell_seconds)
+        cell = {}
+        all_times, outputs = time_in_rounds({name: (lambda fn=fn: fn(batch)) for name, fn in engines.items()},
+                                            repeats, warmup, cell_seconds, rounds)
+        for name, times in all_times.items():
             diff = float(np.abs(outputs[name] - outputs["torch int8"]).max())
             cell[name] = {"threads": torch.get_num_threads(), "engine": name, "batch": bs, "seq": SEQ,
                           "median_ms": statistics.median(times), "p90_ms": p90(times), "repeats": len(times),
@@ -203,7 +217,7 @@ def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
         engines = {**torch_fns, **ort_engines(a.run / "onnx", n)}
         for extra in a.extra_onnx:
             engines.update(ort_engines(extra, n, levels=(1,)))
-        results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds)
+        results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds, a.rounds)
         tables.append({"threads": n, "probe_before": before, "probe_after": contention_probe(n), "results": results})
     return tables
 
@@ -244,8 +258,9 @@ def write_markdown(path: Path, result: dict) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items()) + "  ",
         f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})", "",
         f"Each call is token ids -> logits (backbone then adapter) on sequences of exactly {SEQ} tokens (random "
-        f"held-out texts, padded/truncated); warmup {result['warmup']}, up to {result['repeats']} timed calls per "
-        f"cell (cell cap {result['cell_seconds']} s); {result['measure_time_s']:.0f} s of measuring in all. "
+        f"held-out texts, padded/truncated); the engines take turns in {result.get('rounds', 1)} round(s), each a "
+        f"block of calls after {result['warmup']} untimed one(s); up to {result['repeats']} timed calls per cell "
+        f"(cap {result['cell_seconds']} s per engine); {result['measure_time_s']:.0f} s of measuring in all. "
         "`x vs ...` is the ratio of median latencies (higher = faster than that PyTorch engine), within one "
         "thread setting of this one run.", "",
     ]
@@ -275,8 +290,9 @@ def parse_args(argv=None):
                    help="more export directories of the same checkpoint to time at accuracy level 1 "
                         "(e.g. a w8a8 export: runs/default_w8a8/onnx)")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per cell (after warmup)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per engine and batch size")
+    p.add_argument("--rounds", type=int, default=4, help="the engines take turns in this many blocks of calls")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each block")
     p.add_argument("--cell-seconds", type=float, default=30.0, help="stop a cell after this long (>= 5 repeats)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", type=Path, default=Path("docs/export_bench.json"))
@@ -314,7 +330,7 @@ def main(argv=None) -> int:
         "command": "python -m benchmarks.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "run": str(a.run), "backbone": cfg.backbone.name, "task": meta["task"], "threads": a.threads,
-        "repeats": a.repeats, "warmup": a.warmup, "cell_seconds": a.cell_seconds, "seq": SEQ,
+        "repeats": a.repeats, "rounds": a.rounds, "warmup": a.warmup, "cell_seconds": a.cell_seconds, "seq": SEQ,
         "environment": env, "measure_time_s": time.perf_counter() - t0,
         "sizes": backbone_sizes(a.run, model, meta), "tables": tables, "note": a.note,
     }

@@ -151,15 +151,10 @@ def section_export(data: dict | None, status: str) -> list[str]:
     tables = data.get("tables") or [{"threads": data["threads"], "results": data["results"]}]  # one table per thread count
     for t in tables:
         out += [f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
-                f"| {r['median_ms'] / t_fp32(t, r['batch']):.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
+                f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
     out += ["", f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
             f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).", ""]
     return out
-
-
-def t_fp32(table: dict, batch: int) -> float:
-    """The torch fp32 median of `batch` in one thread table (the reference of issue 3's ratio)."""
-    return next(r["median_ms"] for r in table["results"] if r["batch"] == batch and r["engine"] == "torch fp32")
 
 
 def section_serving(data: dict | None, status: str, path: Path, command: str | None) -> list[str]:

@@ -124,14 +124,25 @@ def retype_int4_initializers(path: Path) -> None:
             values = onnx.numpy_helper.to_array(init, base_dir=str(path.parent)).astype(np.int8)
             new = onnx.helper.make_tensor(init.name, onnx.TensorProto.INT4, values.shape, values.flatten().tolist())
             model.graph.initializer[i].CopyFrom(new)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
+    save_with_external_data(model, path)
+
+
+def external_data_file(path: Path) -> Path:
+    """Every graph here keeps its weights beside it as `<name>.onnx.data`."""
+    return path.with_name(path.name + ".data")
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `path` + its `.data` file, replacing a stale one (onnx refuses to write over it)."""
+    path = Path(path)
+    data = external_data_file(path)
+    data.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024)
+    return path
 
 
 def onnx_size_bytes(path: Path) -> int:
     """The graph file plus its external data."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = external_data_file(path)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -29,6 +29,8 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from .onnx_export import save_with_external_data
+
 QUANTIZED_OPS = ("MatMul",)
 
 
@@ -95,12 +97,6 @@ def unquantize_non_gemm_consumers(model: onnx.ModelProto) -> int:
     return rewired
 
 
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    """Like every graph here: external data as `<name>.onnx.data`."""
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
-    return path
-
-
 def quantize_w8a8(fp32_model: Path, out_path: Path, feeds: list[dict[str, np.ndarray]],
                   method: str = "minmax") -> Path:
     """Calibrate activations on `feeds` and write a QDQ model with int8 weights and activations."""
@@ -111,7 +107,7 @@ def quantize_w8a8(fp32_model: Path, out_path: Path, feeds: list[dict[str, np.nda
         quant_pre_process(str(fp32_model), str(pre), skip_symbolic_shape=True, save_as_external_data=True)
         model = onnx.load(str(pre))
         merge_sibling_matmuls(model)
-        _save(model, pre)
+        save_with_external_data(model, pre)
         quantized = Path(tmp) / "quantized.onnx"
         quantize_static(
             str(pre), str(quantized), FeedReader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -124,4 +120,4 @@ def quantize_w8a8(fp32_model: Path, out_path: Path, feeds: list[dict[str, np.nda
         )
         model = onnx.load(str(quantized))
     unquantize_non_gemm_consumers(model)
-    return _save(model, Path(out_path))
+    return save_with_external_data(model, Path(out_path))

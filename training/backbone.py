@@ -59,6 +59,23 @@ def load_tokenizer(cfg: BackboneConfig):
 
 
 def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Module:
+    """The encoder, refused at once if backbone.max_length exceeds its position embeddings."""
+    encoder = _load_encoder(cfg, vocab_size, seed)
+    check_max_length(encoder, cfg.max_length)
+    return encoder
+
+
+def check_max_length(encoder: nn.Module, max_length: int) -> None:
+    """ConfigError unless max_length tokens fit the positions (RoBERTa/MPNet start them at padding_idx + 1)."""
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    offset = getattr(embeddings_module(encoder), "padding_idx", None)
+    usable = positions - (offset + 1 if offset is not None else 0) if positions else None
+    if usable is not None and max_length > usable:
+        raise ConfigError(f"backbone.max_length: {max_length} exceeds the {usable} positions of this "
+                          f"{encoder.config.model_type} encoder; set backbone.max_length <= {usable}")
+
+
+def _load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Module:
     """The pre-trained encoder, or a seeded random small BertConfig model for tests."""
     path = resolve_backbone(cfg.name)
     if path is None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from serving.contract import task_name_from_file
 from training.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def load_splits(cfg: DataConfig) -> DatasetSplits:
         pairs, name = [None] * len(texts), cfg.dataset
     else:
         texts, pairs, raw_labels = _user_file(cfg)
-        name = Path(cfg.dataset).stem
+        name = task_name_from_file(cfg.dataset)  # a valid served task name, decided before training
     labels = _label_order(raw_labels)
     if len(labels) < 2:
         raise DataError(f"{cfg.dataset}: column {cfg.label_column!r} holds only {labels}; "

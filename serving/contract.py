@@ -6,7 +6,9 @@ config generator, the python models and the client all read them from here.
 """
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 
 from export.io_spec import IOSpec, TensorSpec
 
@@ -20,6 +22,8 @@ BACKBONE = "backbone"
 _ADAPTER, _POSTPROCESS = "adapter_", "postprocess_"
 _RESERVED = (TOKENIZER, BACKBONE, _ADAPTER, _POSTPROCESS)
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_INVALID_RUN = re.compile(r"[^A-Za-z0-9_-]+")
+log = logging.getLogger(__name__)
 
 
 def check_task_name(task: str) -> str:
@@ -29,6 +33,24 @@ def check_task_name(task: str) -> str:
     if any(task == r or task.startswith(r) for r in _RESERVED):
         raise ValueError(f"task name {task!r} collides with the component models {list(_RESERVED)}; rename the task")
     return task
+
+
+def task_name_from_file(path: str | Path) -> str:
+    """The task name for a user data file: its stem, made a valid name (a logged note says how).
+
+    Training calls this before it starts, so `my reviews.csv` trains the task `my_reviews` rather
+    than a run that `make serve` refuses an hour later.
+    """
+    stem = Path(path).stem
+    name = _INVALID_RUN.sub("_", stem).strip("_-")
+    if not name[:1].isalpha() or any(name == r or name.startswith(r) for r in _RESERVED):
+        name = f"task_{name}".rstrip("_")
+    name = name[:64].rstrip("_-")
+    check_task_name(name)
+    if name != stem:
+        log.warning("data file %s: %r is not a valid task name (letters, digits, '_' or '-', starting with a letter, "
+                    "not a component name); the task is named %r", path, stem, name)
+    return name
 
 
 def adapter_model(task: str) -> str:

@@ -57,6 +57,11 @@ class IOSpec:
     adapter: ModelIO
     format_version: int = IO_SPEC_VERSION
     extra: dict = field(default_factory=dict)
+    # Bounds on what the backbone accepts (None in io_spec.json files written before they existed):
+    # token ids < vocab_size, token types < type_vocab_size, sequences <= max_positions tokens.
+    vocab_size: int | None = None
+    type_vocab_size: int | None = None
+    max_positions: int | None = None
 
     @property
     def tokenizer_outputs(self) -> tuple[str, ...]:
@@ -87,11 +92,13 @@ def adapter_io(hidden_size: int, num_taps: int, num_labels: int) -> ModelIO:
 
 
 def build_io_spec(task: str, labels, text_pair: bool, max_length: int, hidden_size: int,
-                  num_taps: int, has_token_type_ids: bool, precision: str) -> IOSpec:
+                  num_taps: int, has_token_type_ids: bool, precision: str, *, vocab_size: int | None = None,
+                  type_vocab_size: int | None = None, max_positions: int | None = None) -> IOSpec:
     return IOSpec(task=task, labels=tuple(labels), text_pair=text_pair, max_length=max_length,
                   hidden_size=hidden_size, num_taps=num_taps, has_token_type_ids=has_token_type_ids,
                   precision=precision, backbone=backbone_io(hidden_size, num_taps, has_token_type_ids),
-                  adapter=adapter_io(hidden_size, num_taps, len(labels)))
+                  adapter=adapter_io(hidden_size, num_taps, len(labels)), vocab_size=vocab_size,
+                  type_vocab_size=type_vocab_size, max_positions=max_positions)
 
 
 def save_io_spec(spec: IOSpec, directory: str | Path) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from tokenizers import Tokenizer
 
 from export.io_spec import IOSpec, ModelIO, load_io_spec
 from serving.contract import check_task_name
@@ -85,6 +86,22 @@ class ExportedRun:
             if rel.startswith(TOKENIZER_DIR + "/"):
                 h.update(rel.encode() + b"\0" + info["sha256"].encode())
         return h.hexdigest()
+
+    def input_limits(self, graph: str) -> dict[str, int]:
+        """Bounds a direct caller of `graph` is held to: io_spec.json, else the export's tokenizer.
+
+        Sequences: max_length (the tokenizer truncates to it; training checked it against the positions).
+        Token ids: io_spec's vocab_size, else the tokenizer's vocabulary. Token types: io_spec's
+        type_vocab_size, else 2 (a BERT tokenizer's segments 0 and 1).
+        """
+        s = self.spec
+        limits = {"max_length": min(n for n in (s.max_length, s.max_positions) if n)}
+        if graph == "backbone":
+            limits["vocab_size"] = s.vocab_size or Tokenizer.from_file(
+                str(self.export_dir / TOKENIZER_DIR / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+            if s.has_token_type_ids:
+                limits["type_vocab_size"] = s.type_vocab_size or 2
+        return limits
 
     def engines(self, name: str) -> dict[str | None, Path]:
         """TensorRT plans for graph `name`: compute capability ("9.0", or None for any) -> path.

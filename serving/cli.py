@@ -5,9 +5,12 @@ Examples:
   python -m serving --runs runs/a runs/b --generate-only     # two tasks (one shared backbone if possible)
   python -m serving --runs runs/default --target gpu --generate-only   # tensorrt_plan configs for the NGC container
 
-Each run is `runs/<name>` (or its `onnx/` export directory) as written by `make export`. The
-repository (default: model_repository/, its README.md kept) is regenerated from scratch and
-validated before the server starts. The server runs in the foreground until Ctrl-C.
+Each run is `runs/<name>` (or its `onnx/` export directory) as written by `make export`. Before
+anything is written, the ports must be free and no server may serve the repository. The repository
+(default: model_repository/, its README.md kept; a directory holding files the generator did not
+write is refused) is regenerated and validated, then tritonserver runs supervised in the
+foreground until Ctrl-C: restarted when it crashes or stops answering, with its state in
+.cache/serving/tritonserver-<http-port>.status.json.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from dataclasses import fields
 
 from serving.config import ConfigError, ServeConfig
 from serving.errors import RepositoryError, ServerError
-from serving.repository import DEFAULT_REPOSITORY, generate_repository
-from serving.server import ServerOptions, TritonServer
+from serving.guard import GuardLimits
+from serving.repository import DEFAULT_REPOSITORY, check_replaceable, generate_repository
+from serving.server import CACHE_DIR, ServerOptions, TritonServer
+from serving.supervisor import RepositoryLock, Supervisor, SupervisorConfig, serving_processes
 from training.artifacts import ArtifactError
 
 log = logging.getLogger("serving")
@@ -47,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", type=int, default=8002)
     srv.add_argument("--log-file", help="tritonserver log (default: .cache/serving/tritonserver-<http-port>.log)")
     srv.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /v2/health/ready")
+    srv.add_argument("--max-request-bytes", type=int, default=GuardLimits().max_body_bytes,
+                     help="largest HTTP request body the guard forwards (default: %(default)s)")
+    srv.add_argument("--max-json-depth", type=int, default=GuardLimits().max_json_depth,
+                     help="deepest JSON nesting the guard forwards (default: %(default)s)")
+    srv.add_argument("--no-http-guard", action="store_true",
+                     help="expose tritonserver's HTTP endpoint directly (debugging only: one deep JSON request crashes it)")
+    srv.add_argument("--max-restarts", type=int, default=SupervisorConfig().max_restarts,
+                     help="restarts within 10 minutes before the supervisor gives up (default: %(default)s)")
     cfg = p.add_argument_group("models (ServeConfig)")
     defaults = ServeConfig()
     for f in fields(ServeConfig):
@@ -67,47 +80,62 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
 
 
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    limits = GuardLimits(max_body_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth)
+    return ServerOptions(repository=args.repository, host=args.host, http_port=args.http_port,
+                         grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_file=args.log_file,
+                         startup_timeout_s=args.startup_timeout, guard=not args.no_http_guard, guard_limits=limits)
+
+
+def check_free(server: TritonServer) -> None:
+    """Before anything is written: nothing serves the repository and the three ports are free."""
+    pids = serving_processes(server.options.repository)
+    if pids:
+        raise ServerError(f"tritonserver (pid {', '.join(map(str, pids))}) is serving {server.options.repository}; "
+                          "stop it before regenerating that repository, or use another --repository")
+    server.check_ports()
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         cfg = serve_config(args)
-        plan = generate_repository(args.runs, args.repository, cfg)
-        log.info("tasks: %s", ", ".join(t.task for t in plan.tasks))
-        if args.target == "gpu":
-            print(NGC_HINT.format(repo=args.repository))
-            return 0 if args.generate_only else 2
-        if args.generate_only:
-            return 0
-        options = ServerOptions(repository=args.repository, host=args.host, http_port=args.http_port,
-                                grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_file=args.log_file,
-                                startup_timeout_s=args.startup_timeout)
-        return run_foreground(TritonServer(options))
+        options = server_options(args)
+        with RepositoryLock(options.repository, CACHE_DIR).acquire(f"serving {options.repository}"):
+            check_replaceable(options.repository)
+            server = TritonServer(options) if not (args.generate_only or args.target == "gpu") else None
+            if server is not None:
+                check_free(server)
+            elif serving_processes(options.repository):
+                raise ServerError(f"a tritonserver is serving {options.repository}; stop it before regenerating it")
+            plan = generate_repository(args.runs, args.repository, cfg)
+            log.info("tasks: %s", ", ".join(t.task for t in plan.tasks))
+            if args.target == "gpu":
+                print(NGC_HINT.format(repo=args.repository))
+                return 0 if args.generate_only else 2
+            if server is None:
+                return 0
+            return run_supervised(Supervisor(server, SupervisorConfig(max_restarts=args.max_restarts)))
     except (ConfigError, ArtifactError, RepositoryError, ServerError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def run_supervised(supervisor: Supervisor) -> int:
+    """Serve until Ctrl-C or SIGTERM (0), or until the supervisor gives up on a crash loop (1)."""
+    def stop(signum, frame):  # only sets an event: nothing is interrupted halfway
+        log.info("stopping tritonserver (signal %d)", signum)
+        supervisor.stop()
 
-
-def run_foreground(server: TritonServer) -> int:
-    """Start, report the endpoints, and serve until Ctrl-C (or SIGTERM) or until tritonserver exits."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
-        signal.signal(sig, _interrupt)
-    log.info("starting tritonserver (log: %s)", server.options.log_file)
-    server.start()
-    log.info("ready: http://%s  grpc %s  metrics %s  (Ctrl-C stops)", server.http_url, server.grpc_url, server.metrics_url)
-    try:
-        code = server.wait()
-        log.error("tritonserver exited with code %s; last log lines:\n%s", code, server.log_tail())
-        return code or 1
-    except KeyboardInterrupt:
-        log.info("stopping tritonserver")
-        return 0
-    finally:
-        server.stop()
+        signal.signal(sig, stop)
+    s = supervisor.server
+    log.info("starting tritonserver (log: %s)", s.options.log_file)
+    code = supervisor.run()
+    if code == 0:
+        log.info("stopped; %d restart(s) while serving", supervisor.restarts)
+    return code
 
 
 if __name__ == "__main__":

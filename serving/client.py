@@ -3,7 +3,9 @@
 CLI: `python -m serving.client --task sentiment "a great film" "a dull one"`, or `--file F`, or
 text on stdin (one example per line; `--pair-sep TAB` splits each line into text and pair).
 Errors say what to do: a refused connection names the URL and `make serve`; an unknown task lists
-the tasks the server has (ensembles `X` with a `postprocess_X` model in the repository index).
+the tasks the server has (ensembles `X` with a `postprocess_X` model among the loaded models, read
+from the statistics API: the repository API needs the admin key). A request the server's queues
+reject under overload raises ServerBusyError: retry later.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Sequence
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from serving.canary import OVERLOAD_MARKERS
 from serving.contract import LABEL, PROBABILITIES, TEXT, TEXT_PAIR, postprocess_model, task_of_postprocess
+from serving.guard import UNAVAILABLE
 from serving.postprocess import Prediction
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
@@ -49,6 +53,10 @@ class RequestError(ServingError):
     """The server answered the request with an error (bad input, batch too large, ...)."""
 
 
+class ServerBusyError(RequestError):
+    """The server is overloaded: a model queue was full or the request waited past its queue timeout."""
+
+
 def _protocol_module(protocol: str):
     if protocol == "http":
         import tritonclient.http as module
@@ -62,9 +70,12 @@ def _protocol_module(protocol: str):
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, EOFError)):  # refused, reset, broken pipe, timeouts (HTTP)
         return True
-    if isinstance(exc, InferenceServerException):  # gRPC: status UNAVAILABLE
+    if isinstance(exc, InferenceServerException):  # gRPC: status UNAVAILABLE; HTTP: the guard's 502/503
         text = f"{exc.status()} {exc}"
-        return any(s in text for s in ("UNAVAILABLE", "Connection refused", "Broken pipe", "Socket closed"))
+        if any(m in text for m in OVERLOAD_MARKERS):
+            return False
+        return any(s in text for s in ("UNAVAILABLE", "Connection refused", "Broken pipe", "Socket closed",
+                                       UNAVAILABLE, "closed the connection without answering"))
     return type(exc).__module__.startswith(("geventhttpclient", "gevent"))  # HTTP parser errors on a cut connection
 
 
@@ -91,9 +102,9 @@ class Client:
             raise
 
     def tasks(self) -> list[str]:
-        """The tasks the server serves, from its repository index."""
-        index = self._call(self._client.get_model_repository_index)
-        names = [m["name"] for m in index] if self.protocol == "http" else [m.name for m in index.models]
+        """The tasks the server serves, from the statistics of its loaded models (open without the admin key)."""
+        stats = self._call(self._client.get_inference_statistics)
+        names = [m["name"] for m in stats["model_stats"]] if self.protocol == "http" else [m.name for m in stats.model_stats]
         return sorted(t for t in map(task_of_postprocess, names) if t in names)
 
     def _get_config(self, model: str) -> dict:
@@ -127,7 +138,8 @@ class Client:
         try:
             result = self._call(self._client.infer, task, self._inputs(texts, pairs), outputs=outputs, **kwargs)
         except InferenceServerException as exc:
-            raise RequestError(f"task {task!r}: {exc.message()}") from exc
+            busy = any(m in str(exc.message()) for m in OVERLOAD_MARKERS)
+            raise (ServerBusyError if busy else RequestError)(f"task {task!r}: {exc.message()}") from exc
         labels, probs = result.as_numpy(LABEL), result.as_numpy(PROBABILITIES)  # (B, 1), (B, C)
         return [Prediction(bytes(lab[0]).decode("utf-8"), dict(zip(info.labels, map(float, p))))
                 for lab, p in zip(labels, probs)]

@@ -1,9 +1,15 @@
-"""ServeConfig: how the model repository batches, replicates and warms up its models.
+"""ServeConfig: how the model repository batches, replicates, bounds and warms up its models.
 
 max_queue_delay_us defaults to 0: on CPU the models are busy enough under load that requests
 queue up and are merged anyway, while any delay is paid in full at low load (measured with
 benchmarks/serving_bench.py on the test export: 2000 us tripled p50 at concurrency 1 and lowered
 throughput at concurrency 16). On GPU, raise it to fill larger batches.
+
+Bounds: every component model has a queue policy (at most max_queue_size requests wait,
+each at most queue_timeout_us, then Triton REJECTs it with "Request timeout expired" or "Exceeds
+maximum queue size"), and a text longer than max_text_bytes UTF-8 bytes is rejected, not truncated:
+the model reads only max_length tokens, so megabytes of text are a client error, and cutting bytes
+could silently change the answer.
 """
 from __future__ import annotations
 
@@ -42,6 +48,10 @@ class ServeConfig:
     accuracy_level: int = _opt(EXACT_ACCURACY_LEVEL, "MatMulNBits accuracy level: 1 exact (default), 4 faster, int8 activations")
     warmup: bool = _opt(True, "Triton model_warmup on every non-ensemble model before the server reports ready")
     warmup_seq_len: int = _opt(16, "sequence length of the backbone/adapter warmup batch")
+    max_queue_size: int = _opt(128, "requests that may wait in each model's queue; more are rejected at once")
+    queue_timeout_us: int = _opt(2_000_000, "longest wait in each model's queue (us) before the request is rejected")
+    allow_timeout_override: bool = _opt(True, "clients may ask for a shorter queue timeout per request")
+    max_text_bytes: int = _opt(65536, "longest text (and text_pair) in UTF-8 bytes; longer ones are rejected (400)")
 
     def __post_init__(self):
         self.preferred_batch_sizes = tuple(self.preferred_batch_sizes)
@@ -58,6 +68,11 @@ class ServeConfig:
         _check(self.ort_threads >= 0, "serve.ort_threads", f"must be >= 0 (0 = default), got {self.ort_threads}")
         _check(self.accuracy_level in (0, 1, 2, 3, 4), "serve.accuracy_level", f"must be 0-4, got {self.accuracy_level}")
         _check(self.warmup_seq_len >= 2, "serve.warmup_seq_len", f"must be >= 2, got {self.warmup_seq_len}")
+        _check(1 <= self.max_queue_size <= 100_000, "serve.max_queue_size", f"must be in [1, 100000], got {self.max_queue_size}")
+        _check(1000 <= self.queue_timeout_us <= 600_000_000, "serve.queue_timeout_us",
+               f"must be in [1 ms, 600 s] (microseconds), got {self.queue_timeout_us}")
+        _check(16 <= self.max_text_bytes <= 64 * 2**20, "serve.max_text_bytes",
+               f"must be in [16, 64 MiB], got {self.max_text_bytes}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -51,9 +52,20 @@ def _python(config: mc.ModelConfig, params: dict[str, object]) -> mc.ModelConfig
     return config
 
 
-def _dynamic_batching(config: mc.ModelConfig, cfg: ServeConfig) -> None:
-    config.dynamic_batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
-    config.dynamic_batching.preferred_batch_size.extend(cfg.preferred_batch_sizes)
+def _dynamic_batching(config: mc.ModelConfig, cfg: ServeConfig, merge: bool = True) -> None:
+    """A dynamic batcher with a bounded queue: overload is a clear rejection, not unbounded latency.
+
+    `merge=False` (tokenizer, postprocess) keeps the queue policy without waiting to fill batches.
+    """
+    batching = config.dynamic_batching
+    batching.max_queue_delay_microseconds = cfg.max_queue_delay_us if merge else 0
+    if merge:
+        batching.preferred_batch_size.extend(cfg.preferred_batch_sizes)
+    policy = batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = cfg.queue_timeout_us
+    policy.allow_timeout_override = cfg.allow_timeout_override
+    policy.max_queue_size = cfg.max_queue_size
 
 
 def _warmup(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], cfg: ServeConfig, files: dict[str, str] | None = None) -> None:
@@ -77,21 +89,31 @@ def warmup_files(spec: IOSpec) -> dict[str, bytes]:
     return {s.name: len(data).to_bytes(4, "little") + data for s in text_inputs(spec)}
 
 
+def graph_warmup_files(io: ModelIO, cfg: ServeConfig) -> dict[str, bytes]:
+    """An attention_mask of ones (int64): the models refuse an all-padding sequence, warmup included."""
+    return {s.name: np.ones(cfg.warmup_seq_len, np.int64).tobytes() for s in io.inputs if s.name == "attention_mask"}
+
+
 def tokenizer_config(name: str, spec: IOSpec, cfg: ServeConfig, tokenizer_dir: str) -> mc.ModelConfig:
     config = _python(_base(name, cfg, cfg.tokenizer_instances),
-                     {"tokenizer_dir": tokenizer_dir, "max_length": spec.max_length})
+                     {"tokenizer_dir": tokenizer_dir, "max_length": spec.max_length, "max_text_bytes": cfg.max_text_bytes})
     _add_io(config, (text_inputs(spec), spec.backbone.inputs))
+    _dynamic_batching(config, cfg, merge=False)
     _warmup(config, text_inputs(spec), cfg, {s.name: s.name for s in text_inputs(spec)})
     return config
 
 
-def onnx_python_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int, onnx_file: str) -> mc.ModelConfig:
-    """CPU target: a python-backend model that runs `onnx_file` with ONNX Runtime."""
-    config = _python(_base(name, cfg, instances), {"onnx_file": onnx_file, "threads": cfg.ort_threads,
-                                                    "accuracy_level": cfg.accuracy_level})
+def onnx_python_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int, onnx_file: str,
+                       limits: dict[str, int] | None = None) -> mc.ModelConfig:
+    """CPU target: a python-backend model that runs `onnx_file` with ONNX Runtime.
+
+    `limits` (max_length, vocab_size, type_vocab_size) bound what a direct caller may send.
+    """
+    params = {"onnx_file": onnx_file, "threads": cfg.ort_threads, "accuracy_level": cfg.accuracy_level}
+    config = _python(_base(name, cfg, instances), {**params, **(limits or {})})
     _add_io(config, io, ragged=True)  # the python model pads requests of different lengths itself
     _dynamic_batching(config, cfg)
-    _warmup(config, io.inputs, cfg)
+    _warmup(config, io.inputs, cfg, {n: n for n in graph_warmup_files(io, cfg)})
     return config
 
 
@@ -105,13 +127,14 @@ def tensorrt_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int,
         config.cc_model_filenames[cc] = filename
     _add_io(config, io)
     _dynamic_batching(config, cfg)
-    _warmup(config, io.inputs, cfg)
+    _warmup(config, io.inputs, cfg, {n: n for n in graph_warmup_files(io, cfg)})
     return config
 
 
 def postprocess_config(name: str, spec: IOSpec, cfg: ServeConfig) -> mc.ModelConfig:
     config = _python(_base(name, cfg, cfg.postprocess_instances), {"labels": json.dumps(list(spec.labels))})
     _add_io(config, (spec.adapter.outputs, prediction_outputs(spec)))
+    _dynamic_batching(config, cfg, merge=False)
     _warmup(config, spec.adapter.outputs, cfg)
     return config
 

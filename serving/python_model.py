@@ -74,7 +74,11 @@ def respond_each(pb_utils, requests, specs, handle: Callable[[dict], dict], mode
 
 def respond_merged(pb_utils, requests, specs, check: Callable[[dict], None],
                    run: Callable[[list[dict]], list[dict]], model: str) -> list:
-    """Check each request alone, run the valid ones together, answer every request in order."""
+    """Check each request alone, run the valid ones together, answer every request in order.
+
+    If the merged run fails, each valid request is run again alone, so that only the request
+    that causes the failure gets an error.
+    """
     responses: list = [None] * len(requests)
     valid: list[tuple[int, dict]] = []
     for i, request in enumerate(requests):
@@ -86,9 +90,14 @@ def respond_merged(pb_utils, requests, specs, check: Callable[[dict], None],
             responses[i] = error_response(pb_utils, exc, model)
     try:
         results = run([feed for _, feed in valid])
-        for (i, _), outputs in zip(valid, results):
-            responses[i] = response(pb_utils, outputs)
-    except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, not the model
-        for i, _ in valid:
+    except Exception as exc:  # noqa: BLE001 - retried one by one below
+        if len(valid) == 1:
+            responses[valid[0][0]] = error_response(pb_utils, exc, model)
+            return responses
+        results = None
+    for k, (i, feed) in enumerate(valid):
+        try:
+            responses[i] = response(pb_utils, results[k] if results is not None else run([feed])[0])
+        except Exception as exc:  # noqa: BLE001 - a failing request fails alone
             responses[i] = error_response(pb_utils, exc, model)
     return responses

@@ -6,6 +6,10 @@ its external data) has the same sha256 in its manifest, and one `tokenizer` when
 files, max_length and text-pair flag agree; otherwise each task gets `backbone_<task>` /
 `tokenizer_<task>` and the reason is logged. The repository is built in a staging directory,
 validated (serving/validate.py), then swapped in; the README.md of the target is kept.
+
+The generator deletes only what it wrote: `repository.json` lists every file and directory of the
+last generation, and a target holding anything else (`--repository .` would be the project) is
+refused before anything is written or deleted.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 TRITON_MODELS = Path(__file__).resolve().parent / "triton_models"
 KEEP = ("README.md",)
 SUMMARY_FILE = "repository.json"
+GENERATOR = "mp-ismoe serving.repository"  # repository.json's "generated_by": the ownership marker
+_COMPONENTS = ("tokenizer", "backbone", "adapter", "postprocess")
 PARITY_FILE = "parity.json"  # export/pipeline.py: its "config" holds the TensorRT optimization profile
 
 
@@ -59,7 +65,7 @@ class RepositoryPlan:
 
     def summary(self, cfg: ServeConfig) -> dict:
         return {"tasks": {t.task: {"run": str(t.run.export_dir), "tokenizer": t.tokenizer, "backbone": t.backbone,
-                                   "adapter": t.adapter, "postprocess": t.postprocess,
+                                   "adapter": t.adapter, "postprocess": t.postprocess, "text_pair": t.run.spec.text_pair,
                                    "backbone_sha256": t.run.graph_sha256("backbone")} for t in self.tasks},
                 "shared_backbone": self.shared_backbone, "shared_tokenizer": self.shared_tokenizer,
                 "notes": self.notes, "serve_config": cfg.to_dict()}
@@ -115,9 +121,13 @@ def _write_tokenizer(root: Path, t: TaskModels, cfg: ServeConfig) -> None:
     _write_config(d, mcfg.tokenizer_config(t.tokenizer, t.run.spec, cfg, TOKENIZER_DIR))
     _python_model(d, "tokenizer")
     shutil.copytree(t.run.export_dir / TOKENIZER_DIR, d / "1" / TOKENIZER_DIR)
-    for name, data in mcfg.warmup_files(t.run.spec).items():
-        (d / mcfg.WARMUP_DIR).mkdir(exist_ok=True)
-        (d / mcfg.WARMUP_DIR / name).write_bytes(data)
+    _write_warmup(d, mcfg.warmup_files(t.run.spec))
+
+
+def _write_warmup(model_dir: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (model_dir / mcfg.WARMUP_DIR).mkdir(parents=True, exist_ok=True)
+        (model_dir / mcfg.WARMUP_DIR / name).write_bytes(data)
 
 
 def _check_profile(run: ExportedRun, cfg: ServeConfig) -> None:
@@ -132,12 +142,21 @@ def _check_profile(run: ExportedRun, cfg: ServeConfig) -> None:
                               f"{profile['max_seq']} ({parity}); re-export with --max-seq >= {run.spec.max_length}")
 
 
-def _write_graph(root: Path, name: str, graph: str, run: ExportedRun, cfg: ServeConfig, notes: list[str]) -> None:
+def _limits(runs: list[ExportedRun], graph: str) -> dict[str, int]:
+    """Input bounds of a graph the runs share (one graph, so one vocabulary; the longest max_length)."""
+    each = [r.input_limits(graph) for r in runs]
+    return {k: (max if k == "max_length" else min)(e[k] for e in each) for k in each[0]}
+
+
+def _write_graph(root: Path, name: str, graph: str, runs: list[ExportedRun], cfg: ServeConfig, notes: list[str]) -> None:
     """backbone or adapter: an ONNX Runtime python model (cpu) or a TensorRT plan model (gpu)."""
+    run = runs[0]
     d, io = root / name, getattr(run.spec, graph)
     instances = cfg.backbone_instances if graph == "backbone" else cfg.adapter_instances
+    if cfg.warmup:
+        _write_warmup(d, mcfg.graph_warmup_files(io, cfg))
     if cfg.target == "cpu":
-        _write_config(d, mcfg.onnx_python_config(name, io, cfg, instances, run.graph(graph).name))
+        _write_config(d, mcfg.onnx_python_config(name, io, cfg, instances, run.graph(graph).name, _limits(runs, graph)))
         _python_model(d, "onnx")
         for f in run.graph_files(graph):
             _copy(f, d / "1" / f.name)
@@ -167,18 +186,80 @@ def write_models(root: Path, plan: RepositoryPlan, cfg: ServeConfig) -> None:
         if t.tokenizer not in written:
             _write_tokenizer(root, t, cfg)
         if t.backbone not in written:
-            _write_graph(root, t.backbone, "backbone", t.run, cfg, plan.notes)
-        _write_graph(root, t.adapter, "adapter", t.run, cfg, plan.notes)
+            sharing = [u.run for u in plan.tasks if u.backbone == t.backbone]
+            _write_graph(root, t.backbone, "backbone", sharing, cfg, plan.notes)
+        _write_graph(root, t.adapter, "adapter", [t.run], cfg, plan.notes)
         _write_config(root / t.postprocess, mcfg.postprocess_config(t.postprocess, t.run.spec, cfg))
         _python_model(root / t.postprocess, "postprocess")
         _write_config(root / t.task, mcfg.ensemble_config(t.run.spec, cfg, t.tokenizer, t.backbone, t.adapter, t.postprocess))
         written |= {t.tokenizer, t.backbone}
 
 
+def _entries(root: Path) -> tuple[list[str], list[str]]:
+    """Every file and every directory under `root`, relative, sorted."""
+    files, dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirs += [str(rel / d) for d in dirnames]
+        files += [str(rel / f) for f in filenames]
+    return sorted(files), sorted(dirs)
+
+
+def _owned(root: Path):
+    """A predicate telling what the last generation wrote under `root`, from its repository.json.
+
+    Older repository.json files list no files: their model directories (and everything in them) count.
+    """
+    try:
+        summary = json.loads((root / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("generated_by") == GENERATOR:
+        owned = set(summary.get("files", [])) | set(summary.get("dirs", [])) | {SUMMARY_FILE}
+        listed = owned.__contains__
+    else:
+        models = {SUMMARY_FILE, *summary.get("tasks", {})}
+        models |= {t.get(k) for t in summary.get("tasks", {}).values() for k in _COMPONENTS}
+        listed = lambda rel: rel.split(os.sep)[0] in models  # noqa: E731
+
+    def owned_path(rel: str) -> bool:  # Python's bytecode cache next to a generated model.py counts too
+        parts = rel.split(os.sep)
+        cache = parts.index("__pycache__") if "__pycache__" in parts else None
+        return listed(os.sep.join(parts[:cache]) if cache else rel)
+    return owned_path
+
+
+def foreign_entries(root: str | Path, limit: int = 5) -> list[str]:
+    """Up to `limit` files or directories under `root` that this generator did not write (README.md aside)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    owned, found = _owned(root), []
+    for dirpath, dirnames, filenames in os.walk(root):  # top-down: a foreign top-level entry is found first
+        rel = Path(dirpath).relative_to(root)
+        foreign_dirs = [d for d in sorted(dirnames) if not owned(str(rel / d))]
+        found += [str(rel / d) + "/" for d in foreign_dirs]
+        found += [str(rel / f) for f in sorted(filenames) if str(rel / f) not in KEEP and not owned(str(rel / f))]
+        dirnames[:] = [d for d in dirnames if d not in foreign_dirs]  # no need to look inside
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def check_replaceable(root: str | Path) -> None:
+    """RepositoryError, deleting nothing, if `root` holds anything the generator did not write."""
+    foreign = foreign_entries(root)
+    if foreign:
+        raise RepositoryError(f"refusing to generate into {root}: it holds {', '.join(foreign)}, which the repository "
+                              f"generator did not write (no {SUMMARY_FILE} of its own lists them); point --repository "
+                              "at an empty directory or one it generated. Nothing was deleted")
+
+
 def _swap_in(staging: Path, root: Path) -> None:
-    """Replace everything in `root` except KEEP by the staging directory's content."""
+    """Replace what the last generation wrote in `root` by the staging directory's content."""
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.iterdir():
+    check_replaceable(root)
+    for p in root.iterdir():  # no foreign entry anywhere: everything but KEEP was generated
         if p.name not in KEEP:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     for p in staging.iterdir():
@@ -190,13 +271,16 @@ def generate_repository(runs: list[str | Path], root: str | Path = DEFAULT_REPOS
     """Verify the runs, write and validate the repository at `root`; return the plan it followed."""
     cfg = cfg or ServeConfig()
     root = Path(root).resolve()
+    check_replaceable(root)
     plan = plan_repository([load_run(r) for r in runs])
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
     try:
         write_models(staging, plan, cfg)
         validate_repository(staging)
-        (staging / SUMMARY_FILE).write_text(json.dumps(plan.summary(cfg), indent=2))
+        files, dirs = _entries(staging)
+        summary = {"generated_by": GENERATOR, **plan.summary(cfg), "files": files, "dirs": dirs}
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         _swap_in(staging, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

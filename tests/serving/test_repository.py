@@ -44,11 +44,62 @@ def test_readme_is_kept_and_stale_models_removed(fake_runs, tmp_path):
     root = tmp_path / "model_repository"
     root.mkdir()
     (root / "README.md").write_text("keep me")
-    (root / "old_model").mkdir()
-    (root / "stale.txt").write_text("x")
-    generate_repository([fake_runs["sentiment"]], root)
+    generate_repository([fake_runs["sentiment"], fake_runs["nli"]], root)
+    generate_repository([fake_runs["sentiment"]], root)  # nli's models were generated: they go
     assert (root / "README.md").read_text() == "keep me"
-    assert not (root / "old_model").exists() and not (root / "stale.txt").exists()
+    assert _models(root) == ["adapter_sentiment", "backbone", "postprocess_sentiment", "sentiment", "tokenizer"]
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("planted", ["notes.txt", "backbone/1/my_weights.bin", "my_model/"])
+def test_a_directory_with_files_it_did_not_write_is_refused_and_nothing_deleted(fake_runs, tmp_path, planted):
+    root = tmp_path / "r"
+    generate_repository([fake_runs["sentiment"]], root)
+    target = root / planted.rstrip("/")
+    target.mkdir() if planted.endswith("/") else target.write_bytes(b"precious")
+    before = _tree(root)
+    with pytest.raises(RepositoryError, match=f"refusing to generate into {root}: it holds {planted}.*Nothing was deleted"):
+        generate_repository([fake_runs["nli"]], root)
+    assert _tree(root) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_project_directory_is_refused_and_nothing_deleted(fake_runs, tmp_path):
+    project = tmp_path / "project"
+    (project / "runs" / "default" / "checkpoint").mkdir(parents=True)
+    (project / "runs" / "default" / "checkpoint" / "side.safetensors").write_bytes(b"an hour of training")
+    (project / "Makefile").write_text("all:\n")
+    before = _tree(project)
+    for target in (project, project / "runs"):
+        with pytest.raises(RepositoryError, match="did not write"):
+            generate_repository([fake_runs["sentiment"]], target)
+    assert _tree(project) == before
+
+
+def test_a_repository_from_an_older_generator_is_still_replaced(fake_runs, tmp_path):
+    """repository.json files written before the file list existed name their models; those are replaced."""
+    root = tmp_path / "r"
+    generate_repository([fake_runs["sentiment"]], root)
+    summary = json.loads((root / SUMMARY_FILE).read_text())
+    old = {k: v for k, v in summary.items() if k not in ("generated_by", "files", "dirs")}
+    (root / SUMMARY_FILE).write_text(json.dumps(old))
+    generate_repository([fake_runs["nli"]], root)
+    assert "adapter_nli" in _models(root) and "adapter_sentiment" not in _models(root)
+    (root / "foreign.txt").write_text("x")
+    with pytest.raises(RepositoryError, match="foreign.txt"):
+        generate_repository([fake_runs["sentiment"]], root)
+
+
+def test_python_bytecode_caches_in_model_directories_are_not_foreign(fake_runs, tmp_path):
+    root = tmp_path / "r"
+    generate_repository([fake_runs["sentiment"]], root)
+    (root / "tokenizer" / "1" / "__pycache__").mkdir()
+    (root / "tokenizer" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"pyc")
+    generate_repository([fake_runs["sentiment"]], root)
+    assert not (root / "tokenizer" / "1" / "__pycache__").exists()
 
 
 def test_failed_generation_leaves_the_old_repository(fake_runs, tmp_path):

@@ -12,7 +12,7 @@ for _entry in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
 import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only inside the stub)
 
 from serving import python_model as pm  # noqa: E402
-from serving.onnx_runner import OnnxRunner  # noqa: E402
+from serving.onnx_runner import InputLimits, OnnxRunner  # noqa: E402
 
 
 class TritonPythonModel:
@@ -22,7 +22,8 @@ class TritonPythonModel:
         self.name = config["name"]
         self.runner = OnnxRunner(pm.version_dir(args) / params["onnx_file"],
                                  pm.tensor_specs(config, "input"), pm.tensor_specs(config, "output"),
-                                 threads=int(params["threads"]), accuracy_level=int(params["accuracy_level"]))
+                                 threads=int(params["threads"]), accuracy_level=int(params["accuracy_level"]),
+                                 limits=InputLimits.from_parameters(params))
 
     def execute(self, requests):
         return pm.respond_merged(pb_utils, requests, self.runner.inputs, self.runner.check, self.runner.run, self.name)

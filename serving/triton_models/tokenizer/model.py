@@ -27,16 +27,17 @@ class TritonPythonModel:
         output_names = tuple(t.name for t in pm.tensor_specs(config, "output"))
         self.tokenizer = TextTokenizer(pm.version_dir(args) / params["tokenizer_dir"],
                                        int(params["max_length"]), output_names)
+        self.max_bytes = int(params["max_text_bytes"]) if "max_text_bytes" in params else None
 
     def _handle(self, inputs: dict) -> dict:
         if TEXT not in inputs:
             raise InputError(f"input {TEXT} is missing")
-        texts = decode_texts(inputs[TEXT], TEXT)
+        texts = decode_texts(inputs[TEXT], TEXT, self.max_bytes)
         pairs = None
         if self.pairs:
             if TEXT_PAIR not in inputs:
                 raise InputError(f"this task classifies text pairs: input {TEXT_PAIR} is missing")
-            pairs = decode_texts(inputs[TEXT_PAIR], TEXT_PAIR)
+            pairs = decode_texts(inputs[TEXT_PAIR], TEXT_PAIR, self.max_bytes)
         return self.tokenizer(texts, pairs)
 
     def execute(self, requests):

@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup setup-mpnet train export serve test test-fast compare bench regress ablate clean help
+.PHONY: setup setup-mpnet train export serve test test-fast compare bench regress ablate clean clean-runs help
 
 help:
 	@sed -n '1,5p' Makefile; echo; grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:/'
@@ -41,8 +41,8 @@ train: setup ## fine-tune CONFIG into RUN/checkpoint
 export: setup ## RUN/checkpoint -> RUN/onnx (+ RUN/engines where TensorRT exists)
 	$(BIN)/python -m export --run $(RUN) --precision $(PRECISION) $(ARGS)
 
-serve: setup ## generate model_repository/ from RUNS and run tritonserver on 127.0.0.1 (Ctrl-C stops)
-	$(BIN)/python -m serving --runs $(RUNS) --target $(TARGET) $(ARGS)
+serve: setup ## check ports, generate model_repository/ from RUNS, run tritonserver supervised on 127.0.0.1 (Ctrl-C stops)
+	exec $(BIN)/python -m serving --runs $(RUNS) --target $(TARGET) $(ARGS)
 
 test: setup ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q --timeout 900 $(ARGS)
@@ -62,7 +62,13 @@ bench: setup ## every benchmark -> docs/BENCHMARKS.md and plots
 regress: setup ## compare RUN against RUN/baseline.json (add ARGS=--update to rewrite it)
 	$(BIN)/python -m serving.regress --run $(RUN) $(ARGS)
 
-clean: ## remove runs/, generated model_repository/ content and caches
-	rm -rf runs .pytest_cache
+clean: ## remove caches and generated files (model_repository/ content, serving logs); trained runs stay (clean-runs)
+	rm -rf .pytest_cache .cache/serving
 	find model_repository -mindepth 1 ! -name README.md -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-runs: ## delete every trained run in runs/ (hours of training): only with CONFIRM=yes
+	@if [ "$(CONFIRM)" != "yes" ]; then \
+		echo "make clean-runs deletes every trained run in runs/: $$(ls runs 2>/dev/null | tr '\n' ' ')"; \
+		echo "nothing deleted; run 'make clean-runs CONFIRM=yes' to delete them"; exit 1; fi
+	rm -rf runs

@@ -60,7 +60,7 @@ bench: setup ## every benchmark -> docs/BENCHMARKS.md and plots
 	$(BIN)/python -m benchmarks.run_all --run $(RUN) $(ARGS)
 
 regress: setup ## compare RUN against RUN/baseline.json (add ARGS=--update to rewrite it)
-	$(BIN)/python -m serving.regress --run $(RUN) $(ARGS)
+	$(BIN)/python -m regress --run $(RUN) $(ARGS)
 
 clean: ## remove caches and generated files (model_repository/ content, serving logs); trained runs stay (clean-runs)
 	rm -rf .pytest_cache .cache/serving

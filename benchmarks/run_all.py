@@ -56,8 +56,9 @@ def measure_runtimes(run: Path, requests: int, warmup: int, threads: int | None,
     import torch
 
     from serving.reference import InProcessClassifier
-    from serving.regress import (PyTorchClassifier, environment, in_chunks, latency_summary, load_heldout,
-                                 served_client, time_interleaved)
+    from contracts.machine import environment
+    from regress.measure import (PyTorchClassifier, in_chunks, latency_summary, load_heldout, served_client,
+                                 time_interleaved)
 
     data = load_heldout(run)
     pt = PyTorchClassifier(run / "checkpoint", threads)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from training.artifacts import ArtifactError
 
+from contracts.parity_report import ParityGate
+
 from .onnx_export import DEFAULT_OPSET
 from .pipeline import ExportConfig, ExportError, run_export
 from .qdq import PRECISIONS
@@ -26,6 +28,14 @@ manifest.json; RUN/engines/*.plan where TensorRT is installed.
 """
 
 
+def _limit(item: str) -> tuple[str, float]:
+    key, sep, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected LIMIT=NUMBER, e.g. logits_quantile_max=2e-3") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--calibration", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="w8a8 activation calibration (ONNX Runtime's calibrators)")
     p.add_argument("--no-fp32-size", action="store_true", help="skip the fp32 reference export used for the size ratio")
+    p.add_argument("--accept", nargs="+", default=[], metavar="LIMIT=VALUE", type=_limit,
+                   help="relax a parity limit after reading a failed report, e.g. logits_quantile_max=2e-3; "
+                        "recorded in parity.json (limits: " + ", ".join(f.name for f in fields(ParityGate)) + ")")
     for name in ("min_batch", "opt_batch", "max_batch", "min_seq", "opt_seq", "max_seq"):
         default = next(f.default for f in fields(ExportConfig) if f.name == name)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help="TensorRT optimization profile")
@@ -51,7 +64,7 @@ def main(argv=None) -> int:
         cfg = ExportConfig(precision=a.precision, opset=a.opset, parity_rows=a.parity_rows, threads=a.threads,
                            tensorrt=a.tensorrt, calibration=a.calibration, compare_fp32_size=not a.no_fp32_size, min_batch=a.min_batch,
                            opt_batch=a.opt_batch, max_batch=a.max_batch, min_seq=a.min_seq, opt_seq=a.opt_seq,
-                           max_seq=a.max_seq)
+                           max_seq=a.max_seq, accept=dict(a.accept))
         run_export(a.run, cfg)
     except (ArtifactError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -193,3 +193,16 @@ def wrong_input_type() -> onnx.ModelProto:
     """Broken: Add of float and int64."""
     c = numpy_helper.from_array(np.ones(K, np.int64), "c")
     return make_model([helper.make_node("Add", ["x", "c"], ["y"], name="add_wrong_type")], [_x()], [_y(K)], [c])
+
+
+def scale_dequantize_scales(path: Path, factor: float) -> int:
+    """Multiply every DequantizeLinear scale of the graph at `path` by `factor` in place; returns how many."""
+    from export.onnx_export import save_with_external_data
+
+    model = onnx.load(str(path))
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for init in model.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    save_with_external_data(model, Path(path))
+    return len(scales)

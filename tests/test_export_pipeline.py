@@ -22,7 +22,8 @@ import torch
 from export.io_spec import load_io_spec
 from export.onnx_export import export_backbone
 from export.ort_session import make_session
-from export.parity import TOLERANCES, check_parity, to_examples
+from contracts.parity_report import ExportReport
+from export.parity import GATES, check_parity, to_examples
 from export.pipeline import PARITY_FILE, ExportConfig, io_spec_for, run_export, write_backbone
 from export.trt_check import check_tensorrt_compatible
 from tests.test_train_tiny import trained_tiny_run
@@ -93,7 +94,7 @@ def test_every_expert_matters_beyond_the_parity_tolerance(exported):
     run, _, model, meta, tokenizer = exported
     batch = heldout_batch(run, tokenizer, meta)
     hs, cls, ref, _ = adapter_io(model, batch)
-    tol = TOLERANCES["int8-weight"].max_abs["logits"]
+    tol = GATES["int8-weight"].forced_route_max_abs
     for block in model.adapter.blocks:
         experts = block.ffn.experts
         for j in range(experts.num_experts):
@@ -126,29 +127,30 @@ def test_adapter_graph_is_a_static_top_k_moe(exported):
 
 def test_parity_json_has_both_accuracy_levels_and_passes(exported):
     run, report, *_ = exported
-    on_disk = json.loads((run / "onnx" / PARITY_FILE).read_text())
-    assert on_disk["passed"] is True and on_disk["failures"] == []
-    assert on_disk["precision"] == "int8-weight" and report["passed"]
-    exact, fast = on_disk["parity"]["accuracy_level_1"], on_disk["parity"]["accuracy_level_4"]
-    assert exact["accuracy_level"] == 1 and fast["accuracy_level"] == 4
+    on_disk = ExportReport.load(run / "onnx" / PARITY_FILE)
+    assert on_disk == report  # the typed report round-trips through parity.json
+    assert on_disk.passed is True and on_disk.failures == [] and on_disk.precision == "int8-weight"
+    exact, fast = on_disk.gated(1), on_disk.gated(4)
+    assert exact.accuracy_level == 1 and fast.accuracy_level == 4
     for p in (exact, fast):
-        assert p["rows"] == 24 and set(p["max_abs_error"]) == {"logits", "hidden_states", "cls_states"}
-        assert p["label_agreement"] >= 0.95 and "accuracy_pytorch" in p and "accuracy_onnxruntime" in p
-    assert exact["passed"] and exact["label_agreement"] == 1.0
-    assert exact["max_abs_error"]["logits"] < 1e-4 and exact["max_abs_error"]["hidden_states"] < 1e-4
-    assert exact["accuracy_pytorch"] == exact["accuracy_onnxruntime"]
-    assert exact["tolerance"]["max_abs"] == TOLERANCES["int8-weight"].max_abs
-    assert exact["tolerance"]["max_abs"]["logits"] <= 1e-3
-    assert fast["max_abs_error"]["hidden_states"] >= exact["max_abs_error"]["hidden_states"]  # level 4 is lossier
+        assert p.rows == 24 and set(p.backbone) == {"hidden_states", "cls_states"}
+        assert p.end_to_end.label_agreement >= 0.95 and p.adapter.routes_observable
+    assert exact.passed and exact.end_to_end.label_agreement == 1.0
+    assert exact.adapter.forced_route_max_abs < 1e-5 and exact.backbone["hidden_states"].max_rel < 1e-5
+    assert exact.end_to_end.accuracy_pytorch == exact.end_to_end.accuracy_onnxruntime
+    assert exact.gate == GATES["int8-weight"] and exact.gate.logits_quantile_max <= 1e-3
+    assert exact.adapter.non_tie_flips == 0 and len(exact.worst_rows) == 10
+    assert fast.backbone["hidden_states"].max_rel >= exact.backbone["hidden_states"].max_rel  # level 4 is lossier
 
 
 def test_export_report_gates(exported):
     report = exported[1]
-    assert report["tensorrt_check"] == {"backbone": [], "adapter": []}
-    assert all(r["passed"] for r in report["lint"].values())
-    assert all(r.get("passed") for r in report["polygraphy_run"].values())
-    assert report["tensorrt"]["available"] is False and "tensorrt" in report["tensorrt"]["note"]
-    assert report["sizes"]["backbone_bytes"] > 0 and report["sizes"]["adapter_bytes"] > 0
+    assert report.tensorrt_check == {"backbone": [], "adapter": []}
+    assert all(r["passed"] for r in report.lint.values())
+    assert all(r.get("passed") for r in report.polygraphy_run.values())
+    assert all(r["rows"] > 0 for r in report.polygraphy_run.values())
+    assert report.tensorrt["available"] is False and "tensorrt" in report.tensorrt["note"]
+    assert report.sizes["backbone_bytes"] > 0 and report.sizes["adapter_bytes"] > 0
 
 
 def test_onnx_directory_is_a_complete_artifact(exported):
@@ -226,8 +228,8 @@ def test_fp16_export_runs_in_onnxruntime_cpu(other_precision):
     matrices = [i.data_type for i in m.graph.initializer if len(i.dims) == 2
                 and i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
     assert matrices and set(matrices) == {onnx.TensorProto.FLOAT16}  # fp16 weights; outputs are cast to fp32
-    assert report["rows"] == 24 and report["passed"], report["failures"]
-    assert report["max_abs_error"]["logits"] < TOLERANCES["fp16"].max_abs["logits"]
+    assert report.rows == 24 and report.passed, report.failures
+    assert report.end_to_end.quantile_abs < GATES["fp16"].logits_quantile_max
 
 
 def test_w8a8_export_quantizes_activations_and_runs(other_precision):
@@ -237,8 +239,8 @@ def test_w8a8_export_quantizes_activations_and_runs(other_precision):
     assert q, "no activation quantization"
     errors = [f for f in check_tensorrt_compatible(out / "backbone.onnx") if f.level == "error"]
     assert errors == []  # symmetric int8 with explicit axes
-    assert report["rows"] == 24 and report["passed"], report["failures"]
-    assert report["label_agreement"] >= TOLERANCES["w8a8"].min_label_agreement
+    assert report.rows == 24 and report.passed, report.failures
+    assert report.end_to_end.label_agreement >= GATES["w8a8"].min_label_agreement
 
 
 def test_w8a8_quantizes_gemm_inputs_only_and_every_gemm_runs_as_int8_in_onnxruntime(other_precision, tmp_path):

@@ -1,4 +1,4 @@
-"""`make regress` (serving/regress.py): the comparison rules, and a fixed regression case end to end.
+"""`make regress` (regress/): the comparison rules, and a fixed regression case end to end.
 
 The fixed case trains the tiny model on the toy data, exports it, serves it, and checks that the
 figures reproduce the committed baseline tests/data/regress_tiny_baseline.json within its stated
@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.parity import TOLERANCES
-from serving import regress
-from serving.regress import RegressError, Rule, check, compare, format_table, main, parse_tolerances, resolve_tolerances
+from export.parity import GATES
+from regress import cli as regress
+from regress.baseline import RegressError
+from regress.cli import main, parse_tolerances
+from regress.rules import RULES, Rule, check, compare, format_table, resolve_tolerances
 from tests.conftest import tiny_overrides
+from tests.onnx_fixtures import scale_dequantize_scales
 
 COMMITTED = Path(__file__).parent / "data" / "regress_tiny_baseline.json"
 COMMITTED_TOLERANCES = ["accuracy=0.09"]  # 2 of 24 rows: training differs a little across CPUs
@@ -40,8 +43,10 @@ TOL = resolve_tolerances("int8-weight", None, None)
     ("accuracy.onnxruntime", 0.90, 0.99, "PASS"),  # better is fine
     ("agreement.onnxruntime", 1.0, 0.99, "FAIL"),  # below the int8-weight gate 0.995
     ("agreement.onnxruntime", None, 1.0, "PASS"),  # absolute: checked without a baseline
-    ("parity.logits_max_abs", 1e-6, 2e-6, "PASS"),  # doubled noise is still noise
-    ("parity.logits_max_abs", 1e-6, 2e-3, "FAIL"),
+    ("parity.logits_p99_abs", 1e-6, 2e-6, "PASS"),  # doubled noise is still noise
+    ("parity.logits_p99_abs", 1e-6, 2e-3, "FAIL"),
+    ("parity.logits_max_abs", 1e-6, 8e-3, "INFO"),  # one route flip at a near-tie: reported, not gated
+    ("parity.export_forced_route_max_abs", 1e-6, 2e-3, "FAIL"),
     ("size.backbone_bytes", 1000, 1049, "PASS"),
     ("size.backbone_bytes", 1000, 1051, "FAIL"),
     ("latency.ort_over_pytorch_p50", 0.5, 0.62, "PASS"),  # +24%
@@ -60,10 +65,10 @@ def test_tolerances_come_from_defaults_then_baseline_then_cli():
     tol = resolve_tolerances("int8-weight", {"accuracy": 0.05, "size": 0.2}, {"accuracy": 0.1})
     assert tol["accuracy"] == 0.1 and tol["size"] == 0.2
     lossy = resolve_tolerances("w8a8", None, None)
-    assert lossy["parity"] is None and lossy["agreement"] == TOLERANCES["w8a8"].min_label_agreement
-    assert lossy["agreement_level4"] == TOLERANCES["w8a8"].min_label_agreement  # w8a8 is as lossy at level 1
+    assert lossy["parity"] is None and lossy["agreement"] == GATES["w8a8"].min_label_agreement
+    assert lossy["agreement_level4"] == GATES["w8a8"].min_label_agreement  # w8a8 is as lossy at level 1
     assert resolve_tolerances("int8-weight", None, None)["agreement_level4"] == 0.98
-    assert check("parity.logits_max_abs", 0.1, 0.5, lossy).status == "INFO"  # judged by agreement instead
+    assert check("parity.logits_p99_abs", 0.1, 0.5, lossy).status == "INFO"  # judged by agreement instead
     assert parse_tolerances(["latency=0.5", "agreement=0.9"]) == {"latency": 0.5, "agreement": 0.9}
     for bad in (["accuracy"], ["speed=1"], ["agreement=2"], ["size=-1"]):
         with pytest.raises(RegressError):
@@ -77,7 +82,7 @@ def test_table_names_every_failing_metric():
     assert "2 of 3 checks FAILED: accuracy.served, agreement.served" in table
     line = next(ln for ln in table.splitlines() if ln.startswith("accuracy.served"))
     assert "0.9000" in line and "0.8000" in line and "-10.00 pt" in line and ">= 0.8950" in line and line.endswith("FAIL")
-    assert all(r.metric in regress.RULES for r in rows) and isinstance(regress.RULES["size.adapter_bytes"], Rule)
+    assert all(r.metric in RULES for r in rows) and isinstance(RULES["size.adapter_bytes"], Rule)
 
 
 def test_missing_baseline_says_how_to_create_one(tmp_path, capsys):
@@ -149,23 +154,13 @@ def perturb_backbone_scales(run: Path, factor: float) -> int:
     The toy task is decided mostly from the embedding tap, which these scales do not touch, so the
     tiny model shrugs off 1.5x (logits move by ~0.4, no label flips); 4x flips about half the labels.
     """
-    import onnx
-    from onnx import numpy_helper
-
     from training.artifacts import MANIFEST, write_manifest
 
     onnx_dir = run / "onnx"
-    model = onnx.load(str(onnx_dir / "backbone.onnx"))
-    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    for init in model.graph.initializer:
-        if init.name in scales:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
-    (onnx_dir / "backbone.onnx.data").unlink()  # onnx.save appends to an existing data file
-    onnx.save(model, str(onnx_dir / "backbone.onnx"), save_as_external_data=True, location="backbone.onnx.data",
-              size_threshold=1024)
+    n = scale_dequantize_scales(onnx_dir / "backbone.onnx", factor)
     manifest = json.loads((onnx_dir / MANIFEST).read_text())
     write_manifest(onnx_dir, "onnx", {k: v for k, v in manifest.items() if k not in ("kind", "version", "files")})
-    return len(scales)
+    return n
 
 
 def _report(run: Path) -> dict:
@@ -190,7 +185,7 @@ def test_committed_baseline_reproduces_through_tritonserver(tiny_run, capsys):
     m = report["metrics"]
     assert report["tolerances"]["accuracy"] == 0.09  # stated in the committed baseline
     for name in ("accuracy.checkpoint", "accuracy.pytorch", "accuracy.onnxruntime", "accuracy.served",
-                 "agreement.onnxruntime", "agreement.served", "parity.logits_max_abs",
+                 "agreement.onnxruntime", "agreement.served", "parity.logits_p99_abs",
                  "parity.served_probabilities_max_abs", "size.backbone_bytes", "data.heldout_rows"):
         assert status[name] == "PASS", (name, out)
     assert m["accuracy.served"] == m["accuracy.onnxruntime"] and m["agreement.served"] == 1.0
@@ -226,7 +221,7 @@ def test_a_bad_reexport_fails_naming_the_metrics(tiny_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1, out
     status = _status(_report(run))
-    for name in ("accuracy.onnxruntime", "agreement.onnxruntime", "parity.logits_max_abs"):
+    for name in ("accuracy.onnxruntime", "agreement.onnxruntime", "parity.logits_p99_abs"):
         assert status[name] == "FAIL", (name, out)
     # the checkpoint and what export recorded are untouched: the failure points at the graph
     for name in ("accuracy.checkpoint", "accuracy.pytorch", "agreement.export", "size.backbone_bytes"):

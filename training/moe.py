@@ -7,6 +7,7 @@ and the exported graph holds every expert whatever the example input routes to.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,21 +15,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def route(logits: torch.Tensor, prior: torch.Tensor | None, k: int, mode: str = "renorm"):
+def route(logits: torch.Tensor, prior: torch.Tensor | None, k: int, mode: str = "renorm",
+          indices: torch.Tensor | None = None):
     """Top-k routing over g' = (p + c) / 2.
 
     logits (B, T, N) router scores; prior (B, N) softmax of the [CLS] correlation or None.
     Returns weights (B, T, k) summing to 1, indices (B, T, k), and g' (B, T, N).
     `renorm` renormalises g' over the chosen experts; `paper` is a softmax over masked g'.
+    `indices` (B, T, k) replaces the top-k choice (parity checks force another runtime's routes).
     """
     p = torch.softmax(logits.float(), dim=-1)  # (B, T, N)
     g = p if prior is None else 0.5 * (p + prior.float().unsqueeze(1))
-    top, idx = torch.topk(g, k, dim=-1)  # (B, T, k)
+    if indices is None:
+        top, idx = torch.topk(g, k, dim=-1)  # (B, T, k)
+    else:
+        idx = indices.to(device=g.device, dtype=torch.long)
+        top = g.gather(-1, idx)
     if mode == "paper":
         weights = torch.softmax(top, dim=-1)
     else:
         weights = top / top.sum(-1, keepdim=True)
     return weights, idx, g
+
+
+def routing_margin(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Gap between the k-th and (k+1)-th gate value per token, (B, T, N) -> (B, T); inf when k == N.
+
+    Where it is near zero the top-k choice is a near-tie, and rounding alone can change it.
+    """
+    if k >= g.shape[-1]:
+        return torch.full(g.shape[:-1], float("inf"), device=g.device)
+    top = torch.topk(g.float(), k + 1, dim=-1).values  # (B, T, k+1)
+    return top[..., k - 1] - top[..., k]
 
 
 def dense_gate(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -118,6 +136,7 @@ class MoEBlock(nn.Module):
         self.prior_keys = nn.Parameter(torch.randn(n, backbone_dim) * 0.02) if prior else None  # r: (N, D)
         self.top_k = top_k
         self.routing = routing
+        self.forced_indices: torch.Tensor | None = None  # set by `forced_routes` only (parity checks)
 
     @property
     def num_experts(self) -> int:
@@ -132,10 +151,24 @@ class MoEBlock(nn.Module):
 
     def forward(self, x, cls, mask, context=None):
         logits = self.router(x.float())  # (B, T, N) fp32
-        weights, idx, g = route(logits, self.prior(cls), self.top_k, self.routing)
+        weights, idx, g = route(logits, self.prior(cls), self.top_k, self.routing, self.forced_indices)
         gate = dense_gate(weights, idx, self.num_experts)  # (B, T, N)
         expert_out = self.experts(x, context)  # (B, T, N, D)
         y = torch.einsum("btn,btnd->btd", gate.to(expert_out.dtype), expert_out)  # (B, T, D)
         aux = {"load_balance": load_balancing_loss(g, idx, mask, self.num_experts),
-               "z_loss": router_z_loss(logits, mask), "indices": idx}
+               "z_loss": router_z_loss(logits, mask), "indices": idx, "gates": g}
         return y, aux
+
+
+@contextlib.contextmanager
+def forced_routes(moe_blocks: list[MoEBlock], indices: list[torch.Tensor]):
+    """Within the block, each MoE block uses the given expert indices (B, T, k) instead of its own top-k."""
+    if len(moe_blocks) != len(indices):
+        raise ValueError(f"{len(indices)} index tensors for {len(moe_blocks)} MoE blocks")
+    for block, idx in zip(moe_blocks, indices):
+        block.forced_indices = idx
+    try:
+        yield
+    finally:
+        for block in moe_blocks:
+            block.forced_indices = None

@@ -1,0 +1,5 @@
+import sys
+
+from regress.cli import main
+
+sys.exit(main())

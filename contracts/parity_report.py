@@ -2,7 +2,7 @@
 
 A report is a tree of dataclasses serialised with `dataclasses.asdict`; `ExportReport.load` reads it
 back and refuses a file of another format, so no reader walks a nested dict by string paths.
-The parity gate and why it has this shape: docs/DESIGN.md, "The parity gate".
+The parity gate and why it has this shape: docs/METHOD.md, section 3, "The parity gate".
 """
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ from pathlib import Path
 
 REPORT_FORMAT = 2
 PARITY_FILE = "parity.json"
+
+
+GATE_EXPLANATION = (
+    "backbone_max_rel: each backbone output vs PyTorch, max |error| / max |value| over real tokens",
+    "adapter_max_abs: the adapter on PyTorch's hidden states with ONNX Runtime's expert choices forced "
+    "into PyTorch; fp32 rounding only",
+    "tie_margin: on identical inputs a token may be routed differently only where PyTorch's k-th and "
+    "(k+1)-th gate values differ by less than this (a near-tie); otherwise the router is wrong",
+    "forced_route_max_abs: text -> logits with ONNX Runtime's routes forced; strict",
+    "logits_quantile_max: text -> logits with native routes, that quantile of per-row max |error|; a route "
+    "flip at a near-tie moves one row, so the maximum is reported, not gated",
+    "min_label_agreement, max_accuracy_drop: the answers themselves",
+    "None disables a check (lossy precisions); --accept LIMIT=VALUE relaxes one (accepted_overrides)",
+)
 
 
 class ReportError(ValueError):
@@ -146,6 +160,7 @@ class ExportReport:
     passed: bool = False
     failures: list[str] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
+    gate_explanation: list[str] = field(default_factory=lambda: list(GATE_EXPLANATION))
     format: int = REPORT_FORMAT
 
     def gated(self, level: int = 1) -> ParityResult:

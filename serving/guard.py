@@ -8,7 +8,8 @@ on the public HTTP port and forwards a request to tritonserver (on a private 127
   are refused (411, 415), since their size and depth are unknown until decoded;
 - its body is at most `max_body_bytes` (413);
 - its JSON (the whole body, or the first Inference-Header-Content-Length bytes of a request carrying
-  binary tensors) nests arrays and objects at most `max_json_depth` deep (400).
+  binary tensors) nests arrays and objects at most `max_json_depth` deep (400), and for an /infer
+  request parses as an object with an "inputs" list (400; Triton would answer malformed JSON with 500).
 
 `GET /v2/health/ready` is answered by `readiness()` (a canary inference), because Triton's own stays
 200 when a python-backend stub has died. While tritonserver is down every request gets a 503 saying
@@ -18,6 +19,7 @@ requests do not).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -56,6 +58,25 @@ def json_depth(data: bytes) -> int:
     for byte, d in _BRACKETS.items():
         step[byte] = d
     return int(np.cumsum(step[a], dtype=np.int32).max(initial=0))
+
+
+def check_json(data: bytes, max_depth: int, infer: bool) -> str | None:
+    """Why the JSON part of a request is refused (too deep; for /infer: not a JSON object with inputs), or None.
+
+    Triton itself answers malformed JSON with a 500; a client error is a 400.
+    """
+    depth = json_depth(data)
+    if depth > max_depth:
+        return f"JSON nested {depth} levels deep; at most {max_depth} are accepted (a KServe v2 request needs fewer than 10)"
+    if not infer:
+        return None
+    try:
+        request = json.loads(data)
+    except ValueError as e:
+        return f"the request body is not valid JSON: {e}"
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        return 'an inference request must be a JSON object with an "inputs" list (KServe v2 protocol)'
+    return None
 
 
 def error_response(status: int, message: str, close: bool = True, retry_after: int | None = None) -> bytes:
@@ -221,12 +242,10 @@ class HttpGuard:
     async def _check_body(self, head: RequestHead, body: bytes) -> tuple | None:
         json_part = head.values("inference-header-content-length")
         size = int(json_part[0]) if json_part and json_part[0].isdigit() else len(body)
-        data = body[:size]
-        depth = json_depth(data) if len(data) < 2**20 else await asyncio.get_running_loop().run_in_executor(None, json_depth, data)
-        if depth > self.limits.max_json_depth:
-            return 400, (f"JSON nested {depth} levels deep; at most {self.limits.max_json_depth} are accepted "
-                         "(a KServe v2 request needs fewer than 10)")
-        return None
+        infer = head.method == "POST" and head.target.split("?")[0].endswith("/infer")
+        check = functools.partial(check_json, body[:size], self.limits.max_json_depth, infer)
+        message = check() if size < 2**20 else await asyncio.get_running_loop().run_in_executor(None, check)
+        return (400, message) if message else None
 
     async def _ready(self, conn: _Connection) -> bool:
         ok, reason = await asyncio.get_running_loop().run_in_executor(None, self.readiness)

@@ -11,6 +11,7 @@ from serving.artifacts import load_run
 from serving.config import ServeConfig
 from serving.repository import generate_repository
 from serving.server import ServerOptions, TritonServer
+from serving.supervisor import Supervisor, SupervisorConfig
 from tests.serving.fake_export import build_fake_export
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -55,3 +56,20 @@ def served(serve_runs, tmp_path_factory):
     with TritonServer(options) as server:
         server.plan = plan
         yield server
+
+
+HOSTILE_CONFIG = ServeConfig(max_batch_size=8, max_queue_delay_us=20_000)  # 20 ms: concurrent requests merge
+FAST_SUPERVISOR = SupervisorConfig(backoff_initial_s=0.2, backoff_max_s=2.0, canary_interval_s=0.5, canary_strikes=2)
+
+
+@pytest.fixture(scope="module")
+def supervised(serve_runs, tmp_path_factory):
+    """A supervised tritonserver (guard, canary readiness, restarts) serving both runs, as `make serve` runs it."""
+    repo = tmp_path_factory.mktemp("supervised") / "model_repository"
+    generate_repository([serve_runs["single"], serve_runs["pair"]], repo, HOSTILE_CONFIG)
+    options = ServerOptions.on_free_ports(repository=repo, log_file=repo.parent / "tritonserver.log")
+    supervisor = Supervisor(TritonServer(options), FAST_SUPERVISOR, status_file=repo.parent / "status.json")
+    supervisor.start_background()
+    yield supervisor
+    supervisor.stop_background()
+    assert supervisor.state == "stopped" and supervisor.server.process.poll() is not None

@@ -18,6 +18,9 @@ def test_defaults_are_valid():
     ({"ort_threads": -2}, "serve.ort_threads"),
     ({"accuracy_level": 7}, "serve.accuracy_level"),
     ({"warmup_seq_len": 1}, "serve.warmup_seq_len"),
+    ({"max_queue_size": 0}, "serve.max_queue_size"),
+    ({"queue_timeout_us": 10}, "serve.queue_timeout_us"),
+    ({"max_text_bytes": 8}, "serve.max_text_bytes"),
 ])
 def test_invalid_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

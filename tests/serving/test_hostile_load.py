@@ -56,7 +56,7 @@ def _at_once(calls: list, workers: int | None = None) -> list:
 
 
 BAD_IDS = {"negative id": ([[101, -3, 102]], None, "is outside"), "id past the vocabulary": ([[101, 99999, 102]], None, "is outside"),
-           "all-zero mask": ([[101, 102]], [[0, 0]], "has no 1"), "too long": ([[101] * 40], None, "sequence length 40")}
+           "all-zero mask": ([[101, 102]], [[0, 0]], "has no 1"), "too long": ([[101] * 600], None, "sequence length 600")}
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

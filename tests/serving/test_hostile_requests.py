@@ -92,12 +92,13 @@ def _backbone(ids, mask=None, types=None):
 
 def _adapter(t=8, k=None, value=0.0):
     def build(m, s):
+        t_ = s.max_length + 8 if t == "too long" else t
         spec = {x.name: x for x in s.adapter.inputs}
         hs, cls = spec["hidden_states"].shape, spec["cls_states"].shape
-        h = np.zeros((1, k or hs[1], t, hs[3]), np.float32)
+        h = np.zeros((1, k or hs[1], t_, hs[3]), np.float32)
         h[0, 0, 0, 0] = value
         return [tensor(m, "hidden_states", h, "FP32"), tensor(m, "cls_states", np.zeros((1, cls[1], cls[2]), np.float32), "FP32"),
-                tensor(m, "attention_mask", np.ones((1, t), np.int64), "INT64")]
+                tensor(m, "attention_mask", np.ones((1, t_), np.int64), "INT64")]
     return build
 
 
@@ -142,8 +143,8 @@ CASES = {  # case -> (model: single | pair | backbone | adapter | postprocess | 
     "backbone: token type 2": ("backbone", _backbone([[101, 102]], types=[[0, 2]]), r"token_type_ids\[0, 1\] = 2"),
     "backbone: mask value 2": ("backbone", _backbone([[101, 102]], mask=[[1, 2]]), r"attention_mask\[0, 1\] = 2"),
     "backbone: an all-zero mask": ("backbone", _backbone([[101, 102]], mask=[[0, 0]]), "row 0 has no 1"),
-    "backbone: 33 tokens over max_length 32": ("backbone", _backbone([[101] + [2000] * 31 + [102]]),
-                                               r"sequence length 33 is outside \[1, 32\]"),
+    "backbone: one token over max_length": ("backbone", lambda m, s: _backbone([[101] + [2000] * s.max_length])(m, s),
+                                            r"sequence length (\d+) is outside \[1, \d+\]: the model serves up to max_length"),
     "backbone: lengths that disagree": ("backbone", lambda m, s: [tensor(m, t.name, np.ones((1, 6 if t.name == "attention_mask" else 5), np.int64), "INT64")
                                                               for t in s.backbone.inputs], "sequence length"),
     "backbone: INT32 ids": ("backbone", lambda m, s: [tensor(m, t.name, np.ones((1, 4), np.int32 if t.name == "input_ids" else np.int64),
@@ -151,7 +152,7 @@ CASES = {  # case -> (model: single | pair | backbone | adapter | postprocess | 
     "backbone: a valid direct call": ("backbone", _backbone([[101, 2000, 102]]), OK),
     "adapter: NaN hidden states": ("adapter", _adapter(value=np.nan), "hidden_states contains NaN or infinity"),
     "adapter: infinite hidden states": ("adapter", _adapter(value=np.inf), "NaN or infinity"),
-    "adapter: 40 positions over max_length 32": ("adapter", _adapter(t=40), r"sequence length 40 is outside \[1, 32\]"),
+    "adapter: 8 positions over max_length": ("adapter", _adapter(t="too long"), r"sequence length \d+ is outside \[1, \d+\]"),
     "adapter: the wrong number of taps": ("adapter", _adapter(k=9), "shape"),
     "postprocess: NaN logits": ("postprocess", _logits([np.nan, 1.0]), "NaN or infinity"),
     "postprocess: three logits for two labels": ("postprocess", _logits([0.0, 1.0, 2.0]), "shape"),

@@ -124,15 +124,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_supervised(supervisor: Supervisor) -> int:
     """Serve until Ctrl-C or SIGTERM (0), or until the supervisor gives up on a crash loop (1)."""
-    def stop(signum, frame):  # only sets an event: nothing is interrupted halfway
+    interrupted = []
+
+    def stop(signum, frame):  # sets an event: nothing is interrupted halfway, except a startup (once: it cleans up)
         log.info("stopping tritonserver (signal %d)", signum)
         supervisor.stop()
+        if supervisor.state == "starting" and not interrupted:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
         signal.signal(sig, stop)
     s = supervisor.server
     log.info("starting tritonserver (log: %s)", s.options.log_file)
-    code = supervisor.run()
+    try:
+        code = supervisor.run()
+    except KeyboardInterrupt:
+        log.info("stopped during startup")
+        return 0
     if code == 0:
         log.info("stopped; %d restart(s) while serving", supervisor.restarts)
     return code

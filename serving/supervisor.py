@@ -152,7 +152,7 @@ class Supervisor:
             self._backoff = min(2 * self._backoff, self.cfg.backoff_max_s)
             try:
                 self.server.respawn()
-            except ServerError as e:
+            except (ServerError, OSError) as e:  # counts as another crash: back off longer
                 cause = f"failed to restart: {e}"
                 continue
             self.restarts += 1
@@ -163,7 +163,7 @@ class Supervisor:
 
     def status(self) -> dict:
         s, o = self.server, self.server.options
-        guard = s.guard.rejected if s.guard is not None else {}
+        guard = dict(s.guard.rejected) if s.guard is not None else {}  # a copy: the guard's thread updates it
         return {"state": self.state, "pid": s.process.pid if s.process is not None else None,
                 "supervisor_pid": os.getpid(), "restarts": self.restarts, "crashes": list(self.crashes),
                 "last_canary": self.last_canary, "guard_rejections": {str(k): v for k, v in sorted(guard.items())},

@@ -259,10 +259,8 @@ class TritonServer:
                 self.guard = HttpGuard(self.options.host, self.options.http_port, self.options.guard_limits,
                                        self.readiness).start()
             if self.options.restrict_apis:
-                self.admin_key_file.parent.mkdir(parents=True, exist_ok=True)
-                self.admin_key_file.touch(mode=0o600)
-                self.admin_key_file.write_text(self.options.admin_key + "\n")
-            self._spawn()
+                _write_private(self.admin_key_file, self.options.admin_key + "\n")
+            self._spawn(append_log=False)
             self.canary = Canary(self.backend_http_url, tasks_of(self.options.repository), self.options.canary_timeout_s)
             self._wait_answering()
         except BaseException:
@@ -270,12 +268,15 @@ class TritonServer:
             raise
         return self
 
-    def _spawn(self) -> None:
-        """Start a tritonserver process and wait for Triton's own readiness; the guard forwards to it then."""
+    def _spawn(self, append_log: bool = True) -> None:
+        """Start a tritonserver process and wait for Triton's own readiness; the guard forwards to it then.
+
+        The log is started afresh by start() and appended to by a respawn, so that a crash's log is kept.
+        """
         if self.options.guard:
             self.backend_http_port = free_port(self.options.host)
         self.options.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.options.log_file, "ab")
+        self._log = open(self.options.log_file, "ab" if append_log else "wb")
         self._log.write(f"==== tritonserver starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
         self._log.flush()
         self._log_start = self._log.tell()
@@ -398,6 +399,15 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (mode 0600, whatever it was before)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def exit_cause(code: int | None) -> str:

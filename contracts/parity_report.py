@@ -45,7 +45,7 @@ class ParityGate:
     """
 
     adapter_max_abs: float | None = 1e-4  # logits, identical inputs, ORT's routes forced in PyTorch
-    tie_margin: float = 1e-4  # a route flip on identical inputs is legitimate below this gate-value gap
+    tie_margin: float = 1e-4  # a route flip on identical inputs is legitimate below this log-gap of gate values (training.moe.routing_margin)
     backbone_max_rel: float | None = 1e-3  # per output: max |error| / max |reference| over real tokens
     forced_route_max_abs: float | None = 1e-3  # end to end, ORT's routes forced in PyTorch
     logits_quantile: float = 0.99

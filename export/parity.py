@@ -8,7 +8,7 @@ checks (limits in `contracts.parity_report.ParityGate`, per precision in `GATES`
 1. backbone: each output against PyTorch relative to its own magnitude, over real tokens;
 2. adapter on identical inputs (PyTorch's hidden states), with ONNX Runtime's expert choices
    forced into PyTorch: fp32 rounding only. A token routed differently must be a near-tie
-   (PyTorch's k-th vs (k+1)-th gate gap below `tie_margin`), else the graph routes wrongly;
+   (PyTorch's log-gap between the k-th and (k+1)-th gate value below `tie_margin`), else the graph routes wrongly;
 3. end to end (text -> logits): with ORT's routes forced, strict; with each side routing
    itself, judged by label agreement, accuracy and a quantile of per-row errors. Route flips
    and the worst rows are reported so a failed gate says where to look.
@@ -145,7 +145,7 @@ def _judge(result: ParityResult) -> list[str]:
         how = "with ONNX Runtime's expert choices forced" if a.routes_observable else "(routes not observable)"
         fails.append(f"adapter on identical inputs {how}: logits max abs error {adapter_err:.3g} > {g.adapter_max_abs:g}")
     if a.non_tie_flips:
-        fails.append(f"adapter routes {a.non_tie_flips} token(s) to other experts where PyTorch's gate gap is above "
+        fails.append(f"adapter routes {a.non_tie_flips} token(s) to other experts where PyTorch's log-gate gap is above "
                      f"tie_margin {g.tie_margin:g}: the exported router is wrong")
     if g.forced_route_max_abs is not None and e.forced_route_max_abs > g.forced_route_max_abs:
         fails.append(f"end to end with ONNX Runtime's routes forced: logits max abs error "

@@ -94,12 +94,13 @@ def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path
         return quantize_w8a8(float_linears, path, feeds, cfg.calibration)
 
 
-def reference_batches(model, spec: IOSpec, rows, tokenizer, meta, cfg: ExportConfig, min_margin: float = 1e-5):
-    """Batches for `polygraphy run` whose every real token is clear of a routing near-tie (PyTorch gate gap).
+def reference_batches(model, spec: IOSpec, rows, tokenizer, meta, cfg: ExportConfig, min_margin: float = 1e-4):
+    """Batches for `polygraphy run` whose every real token is clear of a routing near-tie (PyTorch log-gate gap).
 
     Polygraphy compares element-wise at a fixed tolerance, so a row where rounding may pick another
     expert does not belong in its reference set; routing at ties is judged by the parity gate.
-    `min_margin` is 100x the gate-value differences fp32 rounding makes in the adapter (~1e-7).
+    `min_margin` (a log-gap, training.moe.routing_margin) is 100x what fp32 rounding moves the
+    adapter's router logits by (~1e-6).
     """
     clear = []
     for b in batches(rows, meta["labels"], tokenizer, meta["max_length"], len(rows) // 16 + 1):
@@ -268,9 +269,9 @@ def next_steps(report: ExportReport, run_dir: Path, failed: Path) -> list[str]:
     lines += [f"  row {r.row}: {r.logits_max_abs:.3g}, {r.route_flips} flip(s), {r.label_pytorch}/{r.label_onnx}: "
               f"{r.text[:80]!r}" for r in p.worst_rows[:5]]
     if p.route_flips:
-        lines.append("route flips (row, block, token, experts PyTorch -> ONNX, PyTorch gate gap):")
+        lines.append("route flips (row, block, token, experts PyTorch -> ONNX, PyTorch log-gate gap):")
         lines += [f"  row {f.row} block {f.block} token {f.token}: {f.pytorch_experts} -> {f.onnx_experts}, "
-                  f"gap {f.margin:.2e}" for f in p.route_flips[:5]]
+                  f"log-gap {f.margin:.2e}" for f in p.route_flips[:5]]
     lines += [f"full report: {failed}",
               "if the differences are acceptable for your use, accept a stated limit and re-export, e.g.",
               f"  make export RUN={run_dir} ARGS='--accept logits_quantile_max=2e-3'",

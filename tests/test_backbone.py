@@ -120,9 +120,12 @@ def test_backbone_info_reads_any_encoder(kind):
     cfg = load_config(overrides=["backbone.name=tiny", "side.layers=[3, 1]"])
     info = backbone_info(enc, cfg, FakeTokenizer(kind))
     assert (info.hidden_size, info.ffn_dim, info.num_layers, info.tap_layers) == (H, 64, L, [1, 3])
-    assert info.has_token_type_ids == (kind == "bert") and info.cls_mode == "cls" and info.num_taps == 3
+    assert info.has_token_type_ids == (kind == "bert") and info.num_taps == 3
+    assert info.cls_mode == "mean"  # salient auto: follows backbone.pooling (mean by default)
+    cls_pooled = load_config(overrides=["backbone.name=tiny", "side.layers=[3, 1]", "backbone.pooling=cls"])
+    assert backbone_info(enc, cls_pooled, FakeTokenizer(kind)).cls_mode == "cls"
     no_cls = FakeTokenizer(kind, cls_token=None)  # e.g. a model without [CLS]: the prior pools instead
-    assert backbone_info(enc, cfg, no_cls).cls_mode == "mean"
+    assert backbone_info(enc, cls_pooled, no_cls).cls_mode == "mean"
     with pytest.raises(ValueError, match="side.layers"):
         backbone_info(enc, load_config(overrides=["side.layers=[4]"]), no_cls)
 

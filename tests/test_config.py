@@ -14,8 +14,11 @@ def config_error(overrides=(), path=None) -> str:
 def test_defaults_validate_and_match_the_design():
     cfg = load_config()
     assert cfg.train.method == "mp_ismoe" and cfg.quant.enabled and cfg.side.enabled and cfg.moe.enabled
-    assert (cfg.quant.bits, cfg.quant.layernorm, cfg.side.reduction) == (8, "truncated", 8)
+    assert (cfg.quant.bits, cfg.quant.layernorm, cfg.quant.requant_base) == (8, "frozen", "reference")
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.routing) == (4, 2, "renorm")
+    assert (cfg.moe.prior_mode, cfg.moe.prior_init, cfg.moe.salient, cfg.moe.upcycle, cfg.moe.dispatch) == (
+        "logits", "kmeans", "auto", "noise", "sparse")
+    assert cfg.side.recompute
     assert (cfg.moe.load_balance_coef, cfg.moe.z_loss_coef, cfg.side.gate_temperature) == (1e-2, 1e-3, 0.1)
 
 

@@ -44,15 +44,26 @@ def heldout_batch(run: Path, tokenizer, meta) -> dict:
     return next(iter(loader))
 
 
-def force_every_expert_(model, seed: int = 0) -> None:
-    """Strong random routers (tokens pick different top-1 experts) and distinct experts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in model.adapter.blocks:
-            moe = block.ffn
-            moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=g) * 5.0)
-            for p in moe.experts.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * (0.5 * float(p.std()) + 1e-2))
+def force_every_expert_(model, batch: dict, tries: int = 50) -> int:
+    """Strong random routers under which every expert is some real token's first choice in every block
+    of `batch`, and distinct experts. Routers are drawn seed by seed until that holds; returns the seed."""
+    experts = {id(b.ffn): [p.detach().clone() for p in b.ffn.experts.parameters()] for b in model.adapter.blocks}
+    real = batch["attention_mask"].bool()
+    for seed in range(tries):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for block in model.adapter.blocks:
+                moe = block.ffn
+                moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=g) * 5.0)
+                if moe.log_temperature is not None:  # a mild prior: the token features decide
+                    moe.log_temperature.fill_(1.0)
+                for p, p0 in zip(moe.experts.parameters(), experts[id(moe)]):
+                    p.copy_(p0 + torch.randn(p.shape, generator=g) * (0.5 * float(p0.std()) + 1e-2))
+        *_, indices = adapter_io(model, batch)
+        n = model.adapter.blocks[0].ffn.num_experts
+        if all(set(idx[real][:, 0].tolist()) == set(range(n)) for idx in indices):
+            return seed
+    raise AssertionError(f"no router draw in {tries} reaches every expert")
 
 
 def adapter_io(model, batch):
@@ -68,7 +79,7 @@ def exported(tmp_path_factory, toy_csv):
     """(run_dir, report, model, meta, tokenizer) of one export of the routing-forced tiny checkpoint."""
     src, metrics = trained_tiny_run(tmp_path_factory, toy_csv)
     model, cfg, meta, tokenizer = load_checkpoint(src / "checkpoint")
-    force_every_expert_(model)
+    force_every_expert_(model, heldout_batch(src, tokenizer, meta))
     run = tmp_path_factory.mktemp("export") / "run"
     extra = {n: (src / "checkpoint" / n).read_text() for n in (HELDOUT_FILE, CALIBRATION_FILE)}
     save_checkpoint(run, model, cfg, BackboneInfo(**meta["backbone"]), tokenizer, meta["labels"], meta["task"],

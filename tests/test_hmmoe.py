@@ -69,13 +69,13 @@ def test_expert_order_follows_config():
 
 def test_zero_router_routes_by_the_prior_alone():
     types = ["ffn", "lowrank", "cross_attn", "channel_attn"]
-    block = upcycle(_dense(), D_BACKBONE, _moe(types), dropout=0.0)
+    block = upcycle(_dense(), D_BACKBONE, _moe(types, prior_mode="average"), dropout=0.0)  # the paper's prior
     assert isinstance(block, MoEBlock) and isinstance(block.experts, HeterogeneousExperts)
     with torch.no_grad():
         block.prior_keys.normal_(std=1.0)  # a decisive prior; the router stays zero-initialised
     x, ctx = _inputs(B=3)
     cls = torch.randn(3, D_BACKBONE)
-    weights, idx, _ = route(block.router(x.float()), block.prior(cls), block.top_k)
+    weights, idx, _ = route(block.router(x.float()), block.top_k, prior=block.prior(cls))
 
     c = block.prior(cls)  # (B, N)
     g = 0.5 * (1.0 / 4 + c)  # p is uniform when the router is zero

@@ -130,9 +130,10 @@ def test_side_attention_width_must_divide_heads():
 
 
 def test_upcycle_turns_every_block_into_an_moe_equal_to_its_dense_ffn():
+    """With the paper's identical copies; the default `noise` upcycling is near it (tests/test_moe.py)."""
     dense_adapter = make_adapter(moe=False)
     adapter = copy.deepcopy(dense_adapter)
-    adapter.upcycle_(MoEConfig(num_experts=4, top_k=2))
+    adapter.upcycle_(MoEConfig(num_experts=4, top_k=2, upcycle="copy"))
     assert all(isinstance(b.ffn, MoEBlock) for b in adapter.blocks)
     assert all(isinstance(b.ffn, DenseFFN) for b in dense_adapter.blocks)
     with torch.no_grad():
@@ -188,7 +189,7 @@ def test_prune_init_then_upcycle_gives_experts_equal_to_the_pruned_ffn():
     adapter = make_adapter(moe=False)
     prune_init_(adapter, encoder_layers(bert), [1, 2])
     fc1 = adapter.blocks[0].ffn.fc1.weight.clone()
-    adapter.upcycle_(MoEConfig(num_experts=4, top_k=2))
+    adapter.upcycle_(MoEConfig(num_experts=4, top_k=2, upcycle="copy"))
     for n in range(4):
         assert torch.equal(adapter.blocks[0].ffn.experts.w1[n], fc1.t())
     assert prune_init_(adapter, encoder_layers(bert), [1, 2]) == 0  # MoE blocks are left alone

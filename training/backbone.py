@@ -192,16 +192,51 @@ class BackboneTap(nn.Module):
         layers = encoder_layers(self.encoder)
         return [last_layernorm(embeddings_module(self.encoder))] + [last_layernorm(layers[i - 1]) for i in self.tap_layers]
 
+    def salient(self, tap: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The layer's salient token for the ISMoE prior: [CLS] or the masked mean; (B, T, D) -> (B, D)."""
+        return tap[:, 0] if self.cls_mode == "cls" else masked_mean(tap, attention_mask)
+
     def forward(self, input_ids, attention_mask, token_type_ids=None, stack: bool = True):
-        """stack=False returns the taps as a list of (B, T, D): training avoids a K-fold copy."""
+        """(hidden_states (B, K, T, D), or a list of K (B, T, D) with stack=False; salient states (B, K-1, D))."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         with torch.set_grad_enabled(self.layernorm == "full" and torch.is_grad_enabled()):
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
         hs = out.hidden_states  # L+1 tensors (B, T, D)
         taps = [hs[0]] + [hs[i] for i in self.tap_layers]
-        if self.cls_mode == "cls":
-            cls_states = torch.stack([t[:, 0] for t in taps[1:]], dim=1)  # (B, K-1, D)
-        else:
-            cls_states = torch.stack([masked_mean(t, attention_mask) for t in taps[1:]], dim=1)
+        cls_states = torch.stack([self.salient(t, attention_mask) for t in taps[1:]], dim=1)  # (B, K-1, D)
         hidden_states = torch.stack(taps, dim=1) if stack else taps  # (B, K, T, D)
         return hidden_states, cls_states.detach()
+
+    def tap_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are the taps: the embeddings block, then each tapped layer."""
+        layers = encoder_layers(self.encoder)
+        return [embeddings_module(self.encoder)] + [layers[i - 1] for i in self.tap_layers]
+
+    def stream(self, input_ids, attention_mask, token_type_ids, consume) -> torch.Tensor:
+        """Run the encoder and call `consume(j, tap)` as each tap (B, T, D) is produced; returns salient (B, K-1, D).
+
+        Training uses this instead of `forward`: each tap is downsampled as its layer finishes and
+        then dropped, so the K full-width taps are never all alive (output_hidden_states would keep
+        them). `consume` runs with gradients enabled when the caller's are.
+        """
+        grad = torch.is_grad_enabled()
+        salient: list[torch.Tensor] = []
+
+        def hook(j):
+            def on_output(module, inputs, output):
+                tap = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+                if j > 0:
+                    salient.append(self.salient(tap, attention_mask).detach())
+                with torch.set_grad_enabled(grad):
+                    consume(j, tap)
+            return on_output
+
+        handles = [m.register_forward_hook(hook(j)) for j, m in enumerate(self.tap_modules())]
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        try:
+            with torch.set_grad_enabled(self.layernorm == "full" and grad):
+                self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(salient, dim=1)  # (B, K-1, D)

@@ -18,7 +18,7 @@ from .backbone import encoder_from_config
 from .config import config_from_dict
 from .model import BackboneInfo, SideTuned, build_side_model
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: streamed taps, logits-mode prior, noise upcycling (format-1 configs meant other defaults)
 BACKBONE_FILE = "backbone_q.safetensors"
 SIDE_FILE = "side.safetensors"
 HELDOUT_FILE = "heldout.jsonl"  # the test split, so later stages check parity and accuracy without the dataset

@@ -80,10 +80,11 @@ class QuantConfig:
     bits: int = 8
     rounding: str = "nearest"  # nearest | floor (the paper's literal floor)
     quantize_embeddings: bool = True
-    layernorm: str = "truncated"  # frozen | truncated | full
+    layernorm: str = "frozen"  # frozen | truncated | full (docs/METHOD.md: frozen measured no worse, saves memory)
     requant_every_epochs: int = 1  # M
     requant_fraction: float = 0.05  # p: share of rows re-quantized per tensor per event
     noise: str = "learned"  # learned (SPSA on the task loss) | fixed | none
+    requant_base: str = "reference"  # reference (the fp16 copy: noise around the pretrained weight) | dequantized
     noise_mu_init: float = 0.0  # mu_t, in units of the row's scale s
     noise_rho_init: float = -1.0  # softplus(rho_t) is the noise std in units of s
     spsa_steps: int = 2
@@ -97,6 +98,7 @@ class QuantConfig:
         _one_of(self.rounding, ("nearest", "floor"), "quant.rounding")
         _one_of(self.layernorm, ("frozen", "truncated", "full"), "quant.layernorm")
         _one_of(self.noise, ("learned", "fixed", "none"), "quant.noise")
+        _one_of(self.requant_base, ("reference", "dequantized"), "quant.requant_base")
         _check(self.requant_every_epochs >= 0, "quant.requant_every_epochs", "must be >= 0 (0 disables)")
         _check(0.0 <= self.requant_fraction <= 1.0, "quant.requant_fraction", "must be in [0, 1]")
         _check(self.spsa_steps >= 0 and self.spsa_batches >= 1, "quant.spsa_steps", "steps >= 0 and batches >= 1")
@@ -115,6 +117,7 @@ class SideConfig:
     init: str = "prune"  # prune (structured magnitude pruning of the backbone layer) | random
     combine_backbone: bool = True  # head sees pooled backbone output + upsampled side output
     dropout: float = 0.1
+    recompute: bool = True  # activation checkpointing of side blocks in training: keeps block inputs only
 
     def __post_init__(self):
         _check(self.reduction >= 1, "side.reduction", "must be >= 1")
@@ -130,13 +133,20 @@ EXPERT_TYPES = ("ffn", "lowrank", "cross_attn", "channel_attn")
 
 @dataclass
 class MoEConfig:
-    """ISMoE: the side FFNs become top-k experts routed with a [CLS]-correlation prior."""
+    """ISMoE: the side FFNs become top-k experts routed with a prior from the backbone's salient token."""
 
     enabled: bool = True
     num_experts: int = 4
     top_k: int = 2
     prior: bool = True
-    routing: str = "renorm"  # renorm (top-k of g', weights renormalised) | paper (softmax over masked g')
+    prior_mode: str = "logits"  # logits (cos(h, r) / T added to router logits) | average (paper: (p + c) / 2)
+    prior_temperature: float = 0.1  # initial T of the logits-mode prior (learned)
+    prior_init: str = "kmeans"  # kmeans (r from salient tokens of a few training batches) | random
+    salient: str = "auto"  # auto (follows backbone.pooling) | cls (token 0) | mean (masked mean of the layer)
+    routing: str = "renorm"  # renorm (top-k weights renormalised) | paper (softmax over the chosen)
+    upcycle: str = "noise"  # copy (identical experts, the paper) | noise (copies + noise) | partition
+    upcycle_noise: float = 0.1  # noise std as a share of each weight matrix's std
+    dispatch: str = "sparse"  # training: sparse (each token through its k experts) | dense (all experts)
     load_balance_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     expert_types: list[str] | None = None  # HMMoE: one type per expert; None = all ffn
@@ -145,6 +155,13 @@ class MoEConfig:
     def __post_init__(self):
         _check(self.num_experts >= 1, "moe.num_experts", "must be >= 1")
         _check(1 <= self.top_k <= self.num_experts, "moe.top_k", f"must be in [1, num_experts={self.num_experts}]")
+        _one_of(self.prior_mode, ("logits", "average"), "moe.prior_mode")
+        _check(self.prior_temperature > 0, "moe.prior_temperature", "must be > 0")
+        _one_of(self.prior_init, ("kmeans", "random"), "moe.prior_init")
+        _one_of(self.salient, ("auto", "cls", "mean"), "moe.salient")
+        _one_of(self.upcycle, ("copy", "noise", "partition"), "moe.upcycle")
+        _check(self.upcycle_noise >= 0, "moe.upcycle_noise", "must be >= 0")
+        _one_of(self.dispatch, ("sparse", "dense"), "moe.dispatch")
         _one_of(self.routing, ("renorm", "paper"), "moe.routing")
         _check(self.load_balance_coef >= 0 and self.z_loss_coef >= 0, "moe.load_balance_coef", "coefficients must be >= 0")
         if self.expert_types is not None:

@@ -149,6 +149,11 @@ class HeterogeneousExperts(nn.Module):
     def num_experts(self) -> int:
         return len(self.types)
 
+    @property
+    def needs_context(self) -> bool:
+        """Cross-attention experts read the full-width backbone tokens of their layer."""
+        return any(isinstance(e, CrossAttentionExpert) for e in self.others)
+
     @classmethod
     def from_dense(cls, dense: DenseFFN, moe: MoEConfig, backbone_dim: int, dropout: float = 0.0) -> "HeterogeneousExperts":
         """Build `moe.expert_types` in order, each initialised from (or beside) the dense FFN."""

@@ -39,6 +39,18 @@ class BackboneInfo:
         return asdict(self)
 
 
+def salient_mode(cfg: RunConfig, tokenizer) -> str:
+    """Which token steers the ISMoE prior: `cls` (token 0) or `mean` (masked mean of the layer).
+
+    `auto` follows the backbone's pooling: a mean-pooled sentence model (MiniLM, MPNet) was trained
+    to put its meaning in the mean, not in token 0; a model without a [CLS] token always uses the mean.
+    """
+    wanted = cfg.moe.salient
+    if wanted == "auto":
+        wanted = "mean" if cfg.backbone.pooling == "mean" else "cls"
+    return "cls" if wanted == "cls" and tokenizer.cls_token is not None else "mean"
+
+
 def backbone_info(encoder: nn.Module, cfg: RunConfig, tokenizer) -> BackboneInfo:
     c = encoder.config
     n = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers")
@@ -48,7 +60,7 @@ def backbone_info(encoder: nn.Module, cfg: RunConfig, tokenizer) -> BackboneInfo
     takes_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
     has_types = takes_types and "token_type_ids" in tokenizer.model_input_names
     ffn = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", 4 * c.hidden_size)
-    cls_mode = "cls" if tokenizer.cls_token is not None else "mean"
+    cls_mode = salient_mode(cfg, tokenizer)
     return BackboneInfo(c.model_type, c.hidden_size, ffn, n, tap_layers, has_types, cls_mode,
                         sum(p.numel() * 4 for p in encoder.parameters()))
 
@@ -61,9 +73,23 @@ class SideTuned(nn.Module):
         self.tap, self.adapter = tap, adapter
 
     def forward(self, batch: dict):
-        hidden_states, cls_states = self.tap(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                                             stack=False)
-        return self.adapter(hidden_states, cls_states, batch["attention_mask"])
+        """Stream the backbone's taps into the adapter's down-projections, then run the ladder."""
+        a, mask = self.adapter, batch["attention_mask"]
+        K = a.num_taps
+        projected: list = [None] * K
+        contexts: list | None = [None] * K if a.needs_context else None
+        pooled: list = [None]
+
+        def consume(j: int, tap: torch.Tensor) -> None:
+            if a.side_enabled:
+                projected[j] = a.project(j, tap)  # (B, T, d); the full-width tap is dropped after this
+            if j == K - 1 and a.combine_backbone:
+                pooled[0] = a.pool(tap, mask)  # (B, D)
+            if contexts is not None:
+                contexts[j] = tap
+
+        salient = self.tap.stream(batch["input_ids"], mask, batch.get("token_type_ids"), consume)
+        return a.ladder(projected, salient, mask, pooled[0], contexts)
 
 
 class FineTuned(nn.Module):
@@ -90,7 +116,7 @@ def build_side_model(cfg: RunConfig, num_labels: int, tokenizer, encoder: nn.Mod
     adapter = Adapter(info.hidden_size, info.ffn_dim, info.num_taps, num_labels, cfg.side, cfg.backbone.pooling)
     if cfg.side.init == "prune" and not for_loading:
         prune_init_(adapter, encoder_layers(encoder), info.tap_layers)
-    adapter.upcycle_(cfg.moe)
+    adapter.upcycle_(cfg.moe, cfg.train.seed)
     if cfg.quant.enabled:
         quant = cfg.quant if not for_loading else type(cfg.quant)(**{**asdict(cfg.quant), "keep_fp_reference": False})
         quantize_(encoder, quant)  # the side network lives outside the encoder

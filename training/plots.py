@@ -30,3 +30,34 @@ def plot_curves(log_path: Path, out_png: Path, title: str = "") -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Four panels per epoch, one line per MoE block: gate entropy, max expert load, prior spread,
+    expert weight similarity. None when the run has no MoE (nothing is written)."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    router = [r for r in records if r.get("event") == "router"]
+    if not router:
+        return None
+    panels = (("entropy", "gate entropy (nats)"), ("max_load", "largest expert load share"),
+              ("prior_spread", "prior spread (std over experts)"), ("expert_similarity", "expert weight cosine"))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, (key, label) in zip(axes, panels):
+        for j in range(len(router[0]["blocks"])):
+            xs, ys = [], []
+            for r in router:
+                b = r["blocks"][j]
+                value = max(b["load"]) if key == "max_load" else b.get(key)
+                if value is not None:
+                    xs.append(r["epoch"])
+                    ys.append(value)
+            if ys:
+                ax.plot(xs, ys, marker="o", lw=1, label=f"block {router[0]['blocks'][j]['block']}")
+        ax.set(xlabel="epoch", title=label)
+    axes[0].axhline(router[0]["blocks"][0]["entropy_uniform"], ls=":", c="grey", label="uniform")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

@@ -3,12 +3,19 @@
 `Adapter` is exactly the exported adapter graph: tapped backbone states in, logits out. Width is
 d/r; one side block per kept backbone layer; each ladder step mixes the side state with a
 downsampled backbone state through a learned gate g = sigmoid(alpha / T), alpha = 0 at start.
+
+It runs in two halves so that training never holds all full-width taps at once: `project(j, tap)`
+downsamples tap j as soon as its backbone layer finishes (training.model.SideTuned streams them),
+and `ladder(...)` runs the side blocks on the d-wide projections. `forward` does both for export.
+In training, side blocks are recomputed in the backward pass (`side.recompute`): only their
+inputs are kept.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import masked_mean
 from .config import MoEConfig, SideConfig
@@ -51,15 +58,17 @@ class SideBlock(nn.Module):
         return h + self.drop(y), aux
 
 
-def upcycle(dense: DenseFFN, backbone_dim: int, moe: MoEConfig, dropout: float) -> MoEBlock:
-    """Sparse upcycling: an MoE whose experts start as copies of `dense` (HMMoE types via training.hmmoe)."""
+def upcycle(dense: DenseFFN, backbone_dim: int, moe: MoEConfig, dropout: float, seed: int = 0) -> MoEBlock:
+    """Sparse upcycling: an MoE whose experts start from `dense` (HMMoE types via training.hmmoe)."""
     if moe.expert_types and set(moe.expert_types) != {"ffn"}:
         from .hmmoe import HeterogeneousExperts
 
         experts = HeterogeneousExperts.from_dense(dense, moe, backbone_dim, dropout)
     else:
-        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dropout)
-    return MoEBlock(experts, dense.fc1.in_features, backbone_dim, moe.top_k, moe.prior, moe.routing)
+        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dropout, moe.upcycle, moe.upcycle_noise,
+                                     seed)
+    return MoEBlock(experts, dense.fc1.in_features, backbone_dim, moe.top_k, moe.prior, moe.routing, moe.prior_mode,
+                    moe.prior_temperature, moe.dispatch)
 
 
 class Adapter(nn.Module):
@@ -69,7 +78,8 @@ class Adapter(nn.Module):
                  pooling: str = "mean"):
         super().__init__()
         d = backbone_dim // side.reduction
-        self.side_dim, self.pooling, self.side_enabled = d, pooling, side.enabled
+        self.side_dim, self.pooling, self.side_enabled, self.recompute = d, pooling, side.enabled, side.recompute
+        self.num_taps = num_taps
         self.combine_backbone = side.combine_backbone or not side.enabled
         if side.enabled:
             self.downs = nn.ModuleList(nn.Linear(backbone_dim, d) for _ in range(num_taps))
@@ -86,11 +96,17 @@ class Adapter(nn.Module):
         self.dropout = nn.Dropout(side.dropout)
         self.classifier = nn.Linear(backbone_dim, num_labels)
 
-    def upcycle_(self, moe: MoEConfig) -> None:
+    def upcycle_(self, moe: MoEConfig, seed: int = 0) -> None:
         """Turn every side block's dense FFN into an MoE (after any pruning-based initialisation)."""
         if self.side_enabled and moe.enabled:
-            for block in self.blocks:
-                block.ffn = upcycle(block.ffn, self.downs[0].in_features, moe, block.drop.p)
+            for j, block in enumerate(self.blocks):
+                block.ffn = upcycle(block.ffn, self.downs[0].in_features, moe, block.drop.p, seed * 1000 + j)
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether an expert reads the full-width backbone tokens (HMMoE cross-attention)."""
+        return self.side_enabled and any(getattr(b.ffn.experts, "needs_context", False)
+                                         for b in self.blocks if hasattr(b.ffn, "experts"))
 
     def pool(self, x, mask):
         return masked_mean(x, mask) if self.pooling == "mean" else x[:, 0]
@@ -98,28 +114,52 @@ class Adapter(nn.Module):
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.alphas / self.gate_temperature)  # (K-1,)
 
+    def project(self, j: int, tap: torch.Tensor) -> torch.Tensor:
+        """Downsample tap j: (B, T, D) -> (B, T, d)."""
+        return self.downs[j](tap)
+
+    def _block(self, j: int, h, mask, salient, context):
+        block = self.blocks[j]
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, mask, salient, context, use_reentrant=False)
+        return block(h, mask, salient, context)
+
+    def ladder(self, projected: list[torch.Tensor], salient_states, mask, pooled_backbone=None, contexts=None):
+        """Side blocks over the projected taps (K of (B, T, d)) and salient states (B, K-1, D) -> logits (B, C), aux."""
+        z = pooled_backbone if self.combine_backbone else 0.0  # (B, D)
+        aux = []
+        if self.side_enabled:
+            h = projected[0]  # (B, T, d)
+            g = self.gates()
+            for j in range(len(self.blocks)):
+                h = g[j] * h + (1 - g[j]) * projected[j + 1]
+                context = {"tokens": contexts[j + 1], "mask": mask} if contexts is not None else {"mask": mask}
+                h, a = self._block(j, h, mask, salient_states[:, j], context)
+                aux.append(a)
+            z = z + self.up(self.pool(self.side_norm(h), mask))  # (B, D)
+        return self.classifier(self.dropout(z)), aux  # (B, C)
+
     def side_forward(self, hidden_states, cls_states, mask):
-        """Run the ladder; returns the final side states (B, T, d) and the per-block aux losses."""
+        """The ladder on stacked taps; returns the final side states (B, T, d) and the per-block aux losses."""
         tap = _tap_getter(hidden_states)
-        h = self.downs[0](tap(0))  # (B, T, d)
+        h = self.project(0, tap(0))  # (B, T, d)
         g = self.gates()
         aux = []
         for j, block in enumerate(self.blocks):
             tokens = tap(j + 1)  # (B, T, D)
-            h = g[j] * h + (1 - g[j]) * self.downs[j + 1](tokens)
+            h = g[j] * h + (1 - g[j]) * self.project(j + 1, tokens)
             h, a = block(h, mask, cls_states[:, j], {"tokens": tokens, "mask": mask})
             aux.append(a)
         return self.side_norm(h), aux
 
     def forward(self, hidden_states, cls_states, attention_mask):
-        """hidden_states: (B, K, T, D), or a list of K (B, T, D) taps (training, no stacked copy)."""
+        """hidden_states: (B, K, T, D), or a list of K (B, T, D) taps (the export and evaluation path)."""
+        tap = _tap_getter(hidden_states)
         mask = attention_mask
-        z = self.pool(_tap_getter(hidden_states)(-1), mask) if self.combine_backbone else 0.0  # (B, D)
-        aux = []
-        if self.side_enabled:
-            h, aux = self.side_forward(hidden_states, cls_states, mask)
-            z = z + self.up(self.pool(h, mask))  # (B, D)
-        return self.classifier(self.dropout(z)), aux  # (B, C)
+        pooled = self.pool(tap(self.num_taps - 1), mask) if self.combine_backbone else None  # (B, D)
+        projected = [self.project(j, tap(j)) for j in range(self.num_taps)] if self.side_enabled else []
+        contexts = [tap(j) for j in range(self.num_taps)] if self.needs_context else None
+        return self.ladder(projected, cls_states, mask, pooled, contexts)
 
 
 def _tap_getter(hidden_states):

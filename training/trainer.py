@@ -25,7 +25,11 @@ from .checkpoint import CALIBRATION_FILE, CALIBRATION_ROWS, HELDOUT_FILE, exampl
 from .config import RunConfig
 from .data import describe, load_splits, make_loader
 from .model import SideTuned, aux_loss, backbone_bytes, build_model, trainable_parameters
-from .plots import plot_curves
+from .plots import plot_curves, plot_router
+from .prior_init import kmeans_prior_init_
+from .router_stats import RouterStats
+
+PROBE_SEED_OFFSET = 7919  # SPSA and k-means batches come from their own generator: the training order is untouched
 
 
 def seed_everything(seed: int) -> None:
@@ -51,15 +55,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: bool = True) -> dict:
-    """Accuracy, mean loss and predictions over a loader."""
+def evaluate(model, loader, device, amp: bool = True, router: RouterStats | None = None) -> dict:
+    """Accuracy, mean loss and predictions over a loader (and routing figures into `router`)."""
     model.eval()
     preds, labels, losses = [], [], 0.0
     for batch in loader:
         labels.append(batch["labels"])
         batch = to_device(batch, device)
         with autocast(device, amp):
-            logits, _ = model(batch)
+            logits, aux = model(batch)
+        if router is not None:
+            router.add(aux, batch["attention_mask"])
         losses += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
         preds.append(logits.argmax(-1).cpu())
     preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
@@ -141,6 +147,8 @@ class Trainer:
         loader = lambda ex, bs, shuffle: make_loader(ex, self.tokenizer, cfg.backbone.max_length, bs, shuffle,
                                                      cfg.train.seed, cfg.backbone.pad_to_max_length)
         self.train_loader = loader(self.splits.train, cfg.train.batch_size, True)
+        self.probe_loader = make_loader(self.splits.train, self.tokenizer, cfg.backbone.max_length, cfg.train.batch_size,
+                                        True, cfg.train.seed + PROBE_SEED_OFFSET, cfg.backbone.pad_to_max_length)
         self.val_loader = loader(self.splits.val, cfg.train.eval_batch_size, False)
         self.test_loader = loader(self.splits.test, cfg.train.eval_batch_size, False)
         self.log_path = self.out_dir / "train_log.jsonl"
@@ -151,11 +159,22 @@ class Trainer:
             return None
         from .requant import Requantizer
 
-        return Requantizer(self.model.tap.encoder, q, self.cfg.train.seed)
+        return Requantizer(self.model.tap.encoder, q, self.cfg.train.seed, base=q.requant_base)
+
+    def _probe_batches(self, n: int) -> list[dict]:
+        """n training batches from the probe loader (its own generator), on the device."""
+        return [to_device(b, self.device) for _, b in zip(range(n), self.probe_loader)]
+
+    def _init_prior(self) -> None:
+        """k-means representatives for the ISMoE prior from the salient tokens of 8 training batches."""
+        moe = self.cfg.moe
+        if isinstance(self.model, SideTuned) and moe.enabled and moe.prior and moe.prior_init == "kmeans":
+            n = kmeans_prior_init_(self.model, self._probe_batches(8), self.cfg.train.seed)
+            print(f"[train] prior representatives of {n} MoE blocks from k-means of salient tokens", flush=True)
 
     def _spsa_loss_fn(self):
         """Task loss on a few fixed training batches, forward only: the SPSA objective."""
-        batches = [to_device(b, self.device) for _, b in zip(range(self.cfg.quant.spsa_batches), self.train_loader)]
+        batches = self._probe_batches(self.cfg.quant.spsa_batches)
 
         @torch.no_grad()
         def loss_fn() -> float:
@@ -207,6 +226,7 @@ class Trainer:
         if cfg.train.max_steps:
             steps = min(steps, cfg.train.max_steps)
         scheduler = linear_warmup_decay(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+        self._init_prior()
         memory = PeakMemory(self.device)
         print(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}; "
               f"{trainable_parameters(self.model):,} trainable parameters", flush=True)
@@ -219,8 +239,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)
                 memory.pause()
-                val = evaluate(self.model, self.val_loader, self.device, cfg.train.amp)
+                router = RouterStats()
+                val = evaluate(self.model, self.val_loader, self.device, cfg.train.amp, router)
                 memory.resume()
+                routing = router.summary(self.model)
+                if routing["blocks"]:
+                    log.write(json.dumps({"event": "router", "epoch": epoch + 1, **routing}) + "\n")
                 record = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val["accuracy"],
                           "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
                 epochs.append(record)
@@ -269,6 +293,7 @@ class Trainer:
     def _write_outputs(self, metrics: dict, best: dict) -> None:
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_curves(self.log_path, self.out_dir / "curves.png", title=f"{self.cfg.name}: {self.cfg.train.method}")
+        plot_router(self.log_path, self.out_dir / "router.png", title=f"{self.cfg.name}: routing per epoch")
         if isinstance(self.model, SideTuned):
             save_checkpoint(self.out_dir, self.model, self.cfg, self.info, self.tokenizer, self.splits.labels,
                             self.splits.name, self.splits.text_pair, metrics, best["noise"],

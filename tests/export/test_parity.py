@@ -6,6 +6,7 @@ zeroed, an expert dropped) fail, and five differently seeded models all pass.
 """
 import copy
 import json
+import math
 import shutil
 
 import numpy as np
@@ -25,9 +26,10 @@ from training.moe import FFNExperts, MoEBlock, forced_routes, routing_margin
 
 # ---------------------------------------------------------------- pieces (fast)
 
-def test_routing_margin_is_the_gap_at_the_k_th_choice():
-    g = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]]])  # (1, 2, 4)
-    assert torch.allclose(routing_margin(g, 2), torch.tensor([[0.1, 0.0]]))
+def test_routing_margin_is_the_log_gap_at_the_k_th_choice():
+    g = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [1.0, 1e-10, 1e-13, 0.0]]])  # (1, 3, 4)
+    margin = routing_margin(g, 2)
+    assert torch.allclose(margin, torch.tensor([[math.log(1.5), 0.0, math.log(1e3)]]), rtol=1e-4)
     assert torch.isinf(routing_margin(g, 4)).all()
 
 
@@ -138,12 +140,12 @@ def _gate(model, tokenizer, meta, rows, backbone, adapter):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, toy_csv):
     """The shared tiny trained run with distinct experts and spread routing, exported once."""
-    from tests.test_export_pipeline import force_every_expert_
+    from tests.test_export_pipeline import force_every_expert_, heldout_batch
     from tests.test_train_tiny import trained_tiny_run
 
     run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
     model, _, meta, tokenizer = load_checkpoint(run / "checkpoint")
-    force_every_expert_(model)
+    force_every_expert_(model, heldout_batch(run, tokenizer, meta))
     out = tmp_path_factory.mktemp("parity")
     backbone, adapter = _export(model, meta, out)
     return model, meta, tokenizer, read_examples(run / "checkpoint"), backbone, adapter

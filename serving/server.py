@@ -32,11 +32,10 @@ import sys
 import sysconfig
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.canary import Canary, tasks_of
+from serving.canary import DIRECT, Canary, tasks_of
 from serving.errors import ServerError
 from serving.guard import GuardLimits, HttpGuard
 from serving.repository import DEFAULT_REPOSITORY, PROJECT_ROOT
@@ -317,7 +316,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         """Triton's own /v2/health/ready (models loaded; says nothing about a dead python stub)."""
         try:
-            with urllib.request.urlopen(f"http://{self.backend_http_url}/v2/health/ready", timeout=2) as r:
+            with DIRECT.open(f"http://{self.backend_http_url}/v2/health/ready", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False

@@ -51,10 +51,10 @@ test-fast: setup ## unit tests only, no end-to-end
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 compare: setup ## full FT, LoRA, BitFit, LST, MP-ISMoE on one split -> docs/compare.md + png
-	$(BIN)/python -m training.compare --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m experiments.compare --config $(CONFIG) $(ARGS)
 
 ablate: setup ## the paper's ablation table (3 seeds) -> docs/ablation.md + png
-	$(BIN)/python -m training.ablation --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m experiments.ablation --config $(CONFIG) $(ARGS)
 
 bench: setup ## every benchmark -> docs/BENCHMARKS.md and plots
 	$(BIN)/python -m benchmarks.run_all --run $(RUN) $(ARGS)

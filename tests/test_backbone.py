@@ -226,3 +226,35 @@ def test_encoder_never_runs_dropout():
     a, _ = tap(ids, mask)
     b, _ = tap(ids, mask)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layernorm", ["frozen", "truncated"])
+def test_streamed_taps_equal_the_hidden_states(kind, layernorm):
+    """Training streams each tap to the ladder as its layer finishes; the taps are the same tensors' values."""
+    tap = BackboneTap(make_encoder(kind), [1, 3], layernorm, "mean").train()
+    ids, mask = inputs()
+    hs, cls = tap(ids, mask, stack=False)
+    got = {}
+    salient = tap.stream(ids, mask, None, lambda j, t: got.__setitem__(j, t))
+    assert sorted(got) == [0, 1, 2]
+    for j in range(3):
+        torch.testing.assert_close(got[j], hs[j], rtol=0, atol=0)
+    torch.testing.assert_close(salient, cls, rtol=0, atol=0)
+    assert got[1].requires_grad == (layernorm == "truncated") and not salient.requires_grad
+
+
+def test_side_model_forward_streams_and_equals_the_exported_two_graph_path():
+    """SideTuned.forward (streamed, training path) == adapter(tap(...)) (the exported backbone + adapter)."""
+    cfg = load_config(overrides=["backbone.name=tiny", "side.reduction=2", "side.num_heads=2", "side.dropout=0.0"])
+    model, _ = build_side_model(cfg, 3, FakeTokenizer("bert"), encoder=make_encoder("bert"))
+    with torch.no_grad():
+        model.adapter.up.weight.normal_(std=0.2)
+    ids, mask = inputs()
+    for train in (False, True):
+        model.train(train)
+        streamed, aux = model({"input_ids": ids, "attention_mask": mask})
+        hs, cls = model.tap(ids, mask)
+        two_graph, _ = model.adapter(hs, cls, mask)
+        torch.testing.assert_close(streamed, two_graph, rtol=1e-5, atol=1e-6)
+        assert len(aux) == 3

@@ -1,7 +1,7 @@
 """Run config: dotted-key errors, method presets, `--set` overrides, YAML files, round trips."""
 import pytest
 
-from training.config import (METHOD_PRESETS, ConfigError, MoEConfig, QuantConfig, RunConfig, TrainConfig,
+from training.config import (METHOD_PRESETS, SideConfig, ConfigError, MoEConfig, QuantConfig, RunConfig, TrainConfig,
                              config_from_dict, load_config)
 
 
@@ -234,3 +234,23 @@ def test_cli_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "run"), "--set", "quant.bitz=8"]) == 2
     assert "quant.bitz" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["full_ft", "lora", "bitfit", "linear_probe", "lst"])
+def test_a_method_preset_decides_over_the_config_file(method):
+    """configs/default.yaml spells out quant.enabled: true; switching method must not need three more flags."""
+    cfg = load_config("configs/default.yaml", [f"train.method={method}"])
+    assert cfg.train.method == method and not cfg.quant.enabled and not cfg.moe.enabled
+    assert cfg.side.enabled == (method == "lst")
+
+
+def test_only_a_value_set_for_this_run_can_contradict_the_preset():
+    with pytest.raises(ConfigError, match="quant.enabled: method full_ft requires False, this run sets True"):
+        load_config("configs/default.yaml", ["train.method=full_ft", "quant.enabled=true"])
+    with pytest.raises(ConfigError, match="side.enabled: method mp_ismoe requires True, this run sets False"):
+        load_config(None, ["side.enabled=false"])  # mp_ismoe needs its side network
+    with pytest.raises(ConfigError, match="moe.enabled: method lst requires False, this run sets True"):
+        load_config(None, ["train.method=lst", "moe.enabled=true"])
+    with pytest.raises(ConfigError, match="moe.enabled: needs side.enabled"):  # never silently switched off
+        RunConfig(train=TrainConfig(method="full_ft"), quant=QuantConfig(enabled=False),
+                  side=SideConfig(enabled=False), moe=MoEConfig(enabled=True))

@@ -116,6 +116,19 @@ def test_spsa_moves_noise_and_restores_rows_between_evaluations():
     assert all(torch.equal(final[k], v) for k, v in snapshot(model).items())
 
 
+@pytest.mark.parametrize("optimizer, least_move", [("adam", 0.04), ("sgd", 0.0)])
+def test_spsa_adam_moves_mu_and_rho_by_about_its_rate(optimizer, least_move):
+    """Loss differences of ~1e-5 barely move plain SPSA; Adam's normalised step moves ~spsa_lr per step."""
+    cfg = QuantConfig(noise="learned", requant_fraction=0.5, spsa_steps=2, spsa_lr=0.05, spsa_optimizer=optimizer)
+    model = quantized_mlp(cfg)
+    rq = Requantizer(model, cfg, seed=0)
+    x = torch.randint(0, 40, (8,))
+    target = model(x).detach()
+    rq.event(lambda: 1e-4 * F.mse_loss(model(x), target).item())  # a loss as flat as the real one
+    moved = max(max(abs(rq.mu[n].item()), abs(rq.rho[n].item() + 1.0)) for n in rq.mu)
+    assert moved > least_move and (optimizer == "adam" or moved < 1e-3)
+
+
 def test_state_dict_round_trip():
     cfg = QuantConfig()
     model = quantized_mlp(cfg)
@@ -125,7 +138,8 @@ def test_state_dict_round_trip():
     other = Requantizer(model, cfg)
     other.load_state_dict(rq.state_dict())
     assert other.events == 1 and other.mu["1"].item() == pytest.approx(0.7)
-    assert set(rq.state_dict()) == {"events"} | {f"{n}.{k}" for n in ("0", "1", "3") for k in ("mu", "rho")}
+    assert set(rq.state_dict()) == ({"events", "spsa_adam.m", "spsa_adam.v", "spsa_adam.t"}
+                                    | {f"{n}.{k}" for n in ("0", "1", "3") for k in ("mu", "rho")})
 
 
 def test_reference_base_requantizes_from_fp_copy():

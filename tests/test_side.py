@@ -193,3 +193,54 @@ def test_prune_init_then_upcycle_gives_experts_equal_to_the_pruned_ffn():
     for n in range(4):
         assert torch.equal(adapter.blocks[0].ffn.experts.w1[n], fc1.t())
     assert prune_init_(adapter, encoder_layers(bert), [1, 2]) == 0  # MoE blocks are left alone
+
+
+def _loss_and_grads(adapter, hs, cls, mask):
+    adapter.zero_grad(set_to_none=True)
+    logits, aux = adapter(hs, cls, mask)
+    loss = logits.pow(2).sum() + sum(a["load_balance"] + a["z_loss"] for a in aux)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_recomputed_side_blocks_give_the_same_loss_and_gradients(dispatch):
+    """side.recompute keeps only block inputs; the backward pass recomputes the rest, bit for bit."""
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        adapter = Adapter(D, FFN, K, C, SideConfig(reduction=4, num_heads=2, dropout=0.1, recompute=recompute))
+        adapter.upcycle_(MoEConfig(num_experts=4, top_k=2, dispatch=dispatch))
+        with torch.no_grad():
+            adapter.up.weight.normal_(std=0.2)
+        adapter.train()
+        hs, cls, mask = taps()
+        torch.manual_seed(1)  # the same dropout masks: checkpoint restores the RNG state to recompute them
+        results.append(_loss_and_grads(adapter, hs, cls, mask))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_recompute_keeps_only_block_inputs():
+    """Saved activations (counted with saved_tensors_hooks) shrink with recompute."""
+    saved = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        adapter = Adapter(D, FFN, K, C, SideConfig(reduction=4, num_heads=2, dropout=0.1, recompute=recompute))
+        adapter.upcycle_(MoEConfig(num_experts=4, top_k=2))
+        adapter.train()
+        params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        hs, cls, mask = taps(B=4, T=16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            adapter(hs, cls, mask)
+        saved[recompute] = sum(storages.values())
+    assert saved[True] < 0.5 * saved[False], saved

@@ -89,7 +89,8 @@ class QuantConfig:
     noise_rho_init: float = -1.0  # softplus(rho_t) is the noise std in units of s
     spsa_steps: int = 2
     spsa_batches: int = 2
-    spsa_lr: float = 0.5
+    spsa_lr: float = 0.05  # Adam: about the change of mu, rho per SPSA step; sgd: the plain rate
+    spsa_optimizer: str = "adam"  # adam (normalised steps that move) | sgd (the plain SPSA update)
     spsa_perturbation: float = 0.25
     keep_fp_reference: bool = True  # an fp16 CPU copy, used as the reference for Eq. 4
 
@@ -103,6 +104,7 @@ class QuantConfig:
         _check(0.0 <= self.requant_fraction <= 1.0, "quant.requant_fraction", "must be in [0, 1]")
         _check(self.spsa_steps >= 0 and self.spsa_batches >= 1, "quant.spsa_steps", "steps >= 0 and batches >= 1")
         _check(self.spsa_perturbation > 0, "quant.spsa_perturbation", "must be > 0")
+        _one_of(self.spsa_optimizer, ("adam", "sgd"), "quant.spsa_optimizer")
 
 
 @dataclass
@@ -116,7 +118,8 @@ class SideConfig:
     gate_temperature: float = 0.1
     init: str = "prune"  # prune (structured magnitude pruning of the backbone layer) | random
     combine_backbone: bool = True  # head sees pooled backbone output + upsampled side output
-    dropout: float = 0.1
+    dropout: float = 0.1  # attention probabilities and each residual branch (BERT's placement)
+    ffn_dropout: float = 0.0  # also inside the FFN / experts, on the hidden units (LST's extra dropout)
     recompute: bool = True  # activation checkpointing of side blocks in training: keeps block inputs only
 
     def __post_init__(self):
@@ -126,6 +129,7 @@ class SideConfig:
         _check(self.gate_temperature > 0, "side.gate_temperature", "must be > 0")
         _one_of(self.init, ("prune", "random"), "side.init")
         _check(0.0 <= self.dropout < 1.0, "side.dropout", "must be in [0, 1)")
+        _check(0.0 <= self.ffn_dropout < 1.0, "side.ffn_dropout", "must be in [0, 1)")
 
 
 EXPERT_TYPES = ("ffn", "lowrank", "cross_attn", "channel_attn")
@@ -171,7 +175,8 @@ class MoEConfig:
         _check(self.lowrank_rank >= 1, "moe.lowrank_rank", "must be >= 1")
 
 
-METHODS = ("mp_ismoe", "lst", "full_ft", "lora", "bitfit")
+METHODS = ("mp_ismoe", "lst", "full_ft", "lora", "bitfit", "linear_probe")
+BACKBONE_TUNING = ("full_ft", "lora", "bitfit", "linear_probe")  # no side network: encoder + pooling + head
 
 
 @dataclass
@@ -207,14 +212,14 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
 
 
-# What each baseline means in terms of the other sections. A user value that contradicts its
-# method is an error (load_config), not silently overridden.
+# What each method needs of the other sections. The preset decides over a config file's values; only
+# a value set on purpose for this run (`--set`, load_config's overrides) can contradict it, and that
+# is an error naming the key.
+_NO_SIDE = {"quant": {"enabled": False}, "side": {"enabled": False}, "moe": {"enabled": False}}
 METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "mp_ismoe": {},
-    "lst": {"quant": {"enabled": False}, "moe": {"enabled": False}},
-    "full_ft": {"quant": {"enabled": False}, "side": {"enabled": False}},
-    "lora": {"quant": {"enabled": False}, "side": {"enabled": False}},
-    "bitfit": {"quant": {"enabled": False}, "side": {"enabled": False}},
+    "mp_ismoe": {"side": {"enabled": True}},  # its components (quant, moe) stay switchable for the ablations
+    "lst": {"quant": {"enabled": False}, "side": {"enabled": True}, "moe": {"enabled": False}},
+    **{m: _NO_SIDE for m in BACKBONE_TUNING},
 }
 
 
@@ -229,11 +234,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.train.method in ("full_ft", "lora", "bitfit"):
+        if self.train.method in BACKBONE_TUNING:
             _check(not self.side.enabled and not self.quant.enabled, "train.method",
-                   f"{self.train.method} fine-tunes the fp backbone: set side.enabled and quant.enabled to false")
-        if not self.side.enabled:
-            self.moe.enabled = False
+                   f"{self.train.method} tunes the fp backbone: side.enabled and quant.enabled must be false")
+        _check(self.side.enabled or not self.moe.enabled, "moe.enabled", "needs side.enabled (the experts live there)")
         _check(self.quant.layernorm != "full" or self.quant.enabled or self.side.enabled, "quant.layernorm", "needs a side network")
 
     def to_dict(self) -> dict:
@@ -309,23 +313,37 @@ def _apply_override(raw: dict, dotted: str) -> None:
     node[keys[-1]] = yaml.safe_load(value)
 
 
-def config_from_dict(raw: dict) -> RunConfig:
-    """Build a RunConfig from a plain dict (YAML or a checkpoint), applying the method's preset."""
-    raw = copy.deepcopy(raw or {})
+SECTIONS = ("backbone", "data", "quant", "side", "moe", "train")
+
+
+def _check_sections(raw: dict) -> None:
     _check(isinstance(raw, dict), "<root>", "the config must be a mapping")
-    for section in ("backbone", "data", "quant", "side", "moe", "train"):
+    for section in SECTIONS:
         value = raw.get(section)
         _check(value is None or isinstance(value, dict), section, f"must be a mapping, got {type(value).__name__}")
+
+
+def apply_preset(raw: dict, explicit: dict | None = None) -> dict:
+    """Set the method's preset in `raw`; a contradicting value in `explicit` (set on purpose) is an error."""
     method = (raw.get("train") or {}).get("method", "mp_ismoe")
     _one_of(method, METHODS, "train.method")
     for section, values in METHOD_PRESETS[method].items():
-        node = raw.get(section) or {}
-        raw[section] = node
+        if raw.get(section) is None:
+            raw[section] = {}
+        node = raw[section]
+        asked = (explicit or {}).get(section) or {}
         for k, v in values.items():
-            if k in node and node[k] != v:
-                raise ConfigError(f"{section}.{k}: method {method} requires {v!r}, the config says {node[k]!r}")
+            if k in asked and asked[k] != v:
+                raise ConfigError(f"{section}.{k}: method {method} requires {v!r}, this run sets {asked[k]!r}")
             node[k] = v
-    return _build(RunConfig, raw)
+    return raw
+
+
+def config_from_dict(raw: dict, explicit: dict | None = None) -> RunConfig:
+    """Build a RunConfig from a plain dict (YAML or a checkpoint), applying the method's preset."""
+    raw = copy.deepcopy(raw or {})
+    _check_sections(raw)
+    return _build(RunConfig, apply_preset(raw, explicit if explicit is not None else raw))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -340,6 +358,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         _check(isinstance(raw, dict), str(p), "must hold a mapping at the top level")
+    explicit: dict = {}
     for o in overrides:
         _apply_override(raw, o)
-    return config_from_dict(raw)
+        _apply_override(explicit, o)
+    _check_sections(raw)
+    return config_from_dict(raw, explicit)

@@ -137,6 +137,8 @@ def build_finetune_model(cfg: RunConfig, num_labels: int, tokenizer) -> tuple[Fi
     if cfg.train.method == "bitfit":
         for name, p in model.encoder.named_parameters():
             p.requires_grad_(name.endswith("bias"))
+    if cfg.train.method == "linear_probe":  # the frozen fp encoder's pooled output, a trained head
+        model.encoder.requires_grad_(False)
     return model, info
 
 

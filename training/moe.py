@@ -142,22 +142,29 @@ class FFNExperts(nn.Module):
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sparse top-k: each real token through its k experts only, weighted; x (B, T, D) -> (B, T, D).
 
-        Padding positions get zeros (the dense form computes them, but nothing reads them).
+        The (token, expert) assignments of real tokens are sorted by expert and gathered once into
+        contiguous per-expert slices, so each expert runs two matmuls on exactly its own tokens
+        (no padding to a capacity). Padding positions get zeros (nothing reads them).
         """
         B, T, D = x.shape
+        k = indices.shape[-1]
         xf = x.reshape(B * T, D)
-        real = mask.reshape(B * T, 1).bool()  # (BT, 1)
-        idx = indices.reshape(B * T, -1).masked_fill(~real, -1)  # (BT, k); -1: routed nowhere
-        w = weights.reshape(B * T, -1)
-        y = torch.zeros_like(xf)
-        for e in range(self.num_experts):
-            token, slot = torch.nonzero(idx == e, as_tuple=True)  # tokens routed to e
-            if token.numel() == 0:
-                continue
-            h = self.dropout(F.gelu(torch.addmm(self.b1[e], xf[token], self.w1[e])))  # (n_e, F)
-            out = torch.addmm(self.b2[e], h, self.w2[e]) * w[token, slot].unsqueeze(-1).to(h.dtype)  # (n_e, D)
-            y = y.index_add(0, token, out.to(y.dtype))
-        return y.view(B, T, D)
+        keep = mask.reshape(B * T).bool().repeat_interleave(k)  # (BT*k,)
+        token = torch.arange(B * T, device=x.device).repeat_interleave(k)[keep]  # (A,) assignments
+        expert = indices.reshape(-1)[keep]
+        weight = weights.reshape(-1)[keep]
+        order = torch.argsort(expert, stable=True)
+        token, weight = token[order], weight[order]
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        outs = []
+        for e, chunk in enumerate(xf[token].split(counts)):  # (n_e, D) each, views of one gather
+            if len(chunk):
+                h = self.dropout(F.gelu(torch.addmm(self.b1[e], chunk, self.w1[e])))  # (n_e, F)
+                outs.append(torch.addmm(self.b2[e], h, self.w2[e]))  # (n_e, D)
+        if not outs:
+            return torch.zeros_like(x)
+        out = torch.cat(outs) * weight.unsqueeze(-1).to(outs[0].dtype)  # (A, D)
+        return torch.zeros_like(xf).index_add(0, token, out.to(xf.dtype)).view(B, T, D)
 
 
 class DenseFFN(nn.Module):

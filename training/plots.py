@@ -61,3 +61,27 @@ def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_noise(log_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """GNP-IQ per re-quantization event: mean mu and sigma (= softplus(rho)) over tensors, and the
+    relative quantization error (paper Eq. 4) before and after. None when the run had no event."""
+    events = [r for r in (json.loads(line) for line in Path(log_path).read_text().splitlines())
+              if r.get("event") == "requant"]
+    if not events:
+        return None
+    x = [e["index"] + 1 for e in events]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax1.plot(x, [e["mu_mean"] for e in events], marker="o", label="mu (mean over tensors)")
+    ax1.plot(x, [e["sigma_mean"] for e in events], marker="s", label="sigma = softplus(rho)")
+    ax1.set(xlabel="re-quantization event", ylabel="units of the row scale s", title="learned noise")
+    ax1.legend(fontsize=7)
+    ax2.plot(x, [e["rel_error_before"] for e in events], marker="o", label="before")
+    ax2.plot(x, [e["rel_error_after"] for e in events], marker="s", label="after")
+    ax2.set(xlabel="re-quantization event", ylabel="relative error (Eq. 4)", title="quantization error")
+    ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

@@ -65,8 +65,8 @@ def upcycle(dense: DenseFFN, backbone_dim: int, moe: MoEConfig, dropout: float, 
 
         experts = HeterogeneousExperts.from_dense(dense, moe, backbone_dim, dropout)
     else:
-        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dropout, moe.upcycle, moe.upcycle_noise,
-                                     seed)
+        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dense.dropout.p, moe.upcycle,
+                                     moe.upcycle_noise, seed)
     return MoEBlock(experts, dense.fc1.in_features, backbone_dim, moe.top_k, moe.prior, moe.routing, moe.prior_mode,
                     moe.prior_temperature, moe.dispatch)
 
@@ -86,7 +86,8 @@ class Adapter(nn.Module):
             self.alphas = nn.Parameter(torch.zeros(num_taps - 1))
             self.gate_temperature = side.gate_temperature
             self.blocks = nn.ModuleList(
-                SideBlock(d, DenseFFN(d, max(4, ffn_dim // side.reduction), side.dropout), side.num_heads, side.dropout)
+                SideBlock(d, DenseFFN(d, max(4, ffn_dim // side.reduction), side.ffn_dropout), side.num_heads,
+                          side.dropout)
                 for _ in range(num_taps - 1))
             self.side_norm = nn.LayerNorm(d)
             self.up = nn.Linear(d, backbone_dim)

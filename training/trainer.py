@@ -25,7 +25,7 @@ from .checkpoint import CALIBRATION_FILE, CALIBRATION_ROWS, HELDOUT_FILE, exampl
 from .config import RunConfig
 from .data import describe, load_splits, make_loader
 from .model import SideTuned, aux_loss, backbone_bytes, build_model, trainable_parameters
-from .plots import plot_curves, plot_router
+from .plots import plot_curves, plot_noise, plot_router
 from .prior_init import kmeans_prior_init_
 from .router_stats import RouterStats
 
@@ -294,6 +294,7 @@ class Trainer:
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_curves(self.log_path, self.out_dir / "curves.png", title=f"{self.cfg.name}: {self.cfg.train.method}")
         plot_router(self.log_path, self.out_dir / "router.png", title=f"{self.cfg.name}: routing per epoch")
+        plot_noise(self.log_path, self.out_dir / "gnp_iq.png", title=f"{self.cfg.name}: GNP-IQ events")
         if isinstance(self.model, SideTuned):
             save_checkpoint(self.out_dir, self.model, self.cfg, self.info, self.tokenizer, self.splits.labels,
                             self.splits.name, self.splits.text_pair, metrics, best["noise"],

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from training.ablation import TABLES, VARIANTS, main
+from experiments.ablation import TABLES, VARIANTS, main
 from training.config import load_config
 
-from .conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 
 def test_every_variant_is_a_valid_config_and_every_table_row_a_variant():

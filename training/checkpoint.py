@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
@@ -54,7 +55,8 @@ def save_checkpoint(out_dir: Path, model: SideTuned, cfg, info: BackboneInfo, to
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         model.tap.encoder.config.to_json_file(tmp / "backbone_config.json")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        save_file(_contiguous(model.tap.encoder.state_dict()), tmp / BACKBONE_FILE)
+        state, tied = _untie(model.tap.encoder.state_dict())
+        save_file(_contiguous(state), tmp / BACKBONE_FILE, metadata={"tied": json.dumps(tied)})
         side = {f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}
         side.update({f"noise.{k}": v for k, v in (noise_state or {}).items()})
         save_file(_contiguous(side), tmp / SIDE_FILE)
@@ -75,11 +77,27 @@ def read_checkpoint_config(ckpt_dir: Path) -> dict:
     return meta
 
 
+def _untie(state: dict) -> tuple[dict, dict[str, str]]:
+    """Drop entries that share storage with an earlier one (tied embeddings: T5's shared/embed_tokens);
+    returns (state, {dropped name: kept name}) so that loading can restore them."""
+    kept, tied, out = {}, {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in kept:
+            tied[name] = kept[key]
+        else:
+            kept[key], out[name] = name, t
+    return out, tied
+
+
 def _load_safetensors(path: Path) -> dict:
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            tied = json.loads((f.metadata() or {}).get("tied", "{}"))
     except Exception as e:  # safetensors raises several types for truncated/garbled files
         raise ArtifactError(f"{path} could not be read as safetensors ({e}); re-run `make train`") from e
+    return state | {alias: state[name] for alias, name in tied.items() if name in state}
 
 
 def _load_into(module: torch.nn.Module, state: dict, path: Path) -> None:

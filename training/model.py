@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .architectures import architecture, get
 from .backbone import BackboneTap, encoder_layers, load_encoder, masked_mean
 from .config import RunConfig
 from .quant import model_bytes, quantize_
@@ -39,6 +40,11 @@ class BackboneInfo:
         return asdict(self)
 
 
+def layer_linears_ffn_dim(encoder: nn.Module) -> int:
+    """The FFN width of the backbone's layers, read off its first FFN Linear (training/architectures.py)."""
+    return get(encoder_layers(encoder)[0], architecture(encoder.config.model_type).ffn[0]).out_features
+
+
 def salient_mode(cfg: RunConfig, tokenizer) -> str:
     """Which token steers the ISMoE prior: `cls` (token 0) or `mean` (masked mean of the layer).
 
@@ -53,13 +59,13 @@ def salient_mode(cfg: RunConfig, tokenizer) -> str:
 
 def backbone_info(encoder: nn.Module, cfg: RunConfig, tokenizer) -> BackboneInfo:
     c = encoder.config
-    n = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers")
+    n = len(encoder_layers(encoder))
     tap_layers = sorted(cfg.side.layers) if cfg.side.layers else list(range(1, n + 1))
     if tap_layers[-1] > n:
         raise ValueError(f"side.layers: {tap_layers} names a layer beyond the backbone's {n}")
     takes_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
     has_types = takes_types and "token_type_ids" in tokenizer.model_input_names
-    ffn = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", 4 * c.hidden_size)
+    ffn = layer_linears_ffn_dim(encoder)
     cls_mode = salient_mode(cfg, tokenizer)
     return BackboneInfo(c.model_type, c.hidden_size, ffn, n, tap_layers, has_types, cls_mode,
                         sum(p.numel() * 4 for p in encoder.parameters()))
@@ -115,7 +121,7 @@ def build_side_model(cfg: RunConfig, num_labels: int, tokenizer, encoder: nn.Mod
     info = backbone_info(encoder, cfg, tokenizer)
     adapter = Adapter(info.hidden_size, info.ffn_dim, info.num_taps, num_labels, cfg.side, cfg.backbone.pooling)
     if cfg.side.init == "prune" and not for_loading:
-        prune_init_(adapter, encoder_layers(encoder), info.tap_layers)
+        prune_init_(adapter, encoder, info.tap_layers)
     adapter.upcycle_(cfg.moe, cfg.train.seed)
     if cfg.quant.enabled:
         quant = cfg.quant if not for_loading else type(cfg.quant)(**{**asdict(cfg.quant), "keep_fp_reference": False})

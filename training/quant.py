@@ -122,6 +122,8 @@ class _RowQuantized(nn.Module):
 class QuantizedLinear(_RowQuantized):
     """nn.Linear with per-output-channel n-bit weight; the bias stays fp32."""
 
+    weight = None  # no float weight: encoder code that inspects `.weight` (T5's FFN dtype check) skips it
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, device=None):
         super().__init__(out_features, in_features, bits, device)
         self.in_features, self.out_features = in_features, out_features

@@ -170,32 +170,40 @@ def _tap_getter(hidden_states):
     return lambda j: hidden_states[j]
 
 
-def prune_init_(adapter: Adapter, layers: list[nn.Module], tap_layers: list[int]) -> int:
+def prune_init_(adapter: Adapter, encoder: nn.Module, tap_layers: list[int]) -> int:
     """Initialise side blocks from their backbone layers by structured magnitude pruning (LST).
 
     For each block, keep the d hidden dims and d_ff FFN dims of largest weight magnitude of the
-    backbone layer's own Linears (found in registration order: q, k, v, o, ffn-in, ffn-out).
-    Returns how many blocks were initialised (layers whose Linears do not fit are left random).
-    Call before `Adapter.upcycle_`, so every expert starts from the pruned FFN.
+    backbone layer's own Linears (q, k, v, o, ffn-in, ffn-out, named per architecture in
+    training/architectures.py). Linears without a bias (T5) give zero side biases. Returns how many
+    blocks were initialised. Call before `Adapter.upcycle_`, so every expert starts from the pruned FFN.
     """
+    from .architectures import layer_linears
+
     done = 0
     for block, li in zip(adapter.blocks, tap_layers):
-        lin = [m for m in layers[li - 1].modules() if isinstance(m, nn.Linear)]
-        if len(lin) < 6 or not isinstance(block.ffn, DenseFFN):
+        if not isinstance(block.ffn, DenseFFN):
             continue
-        q, k, v, o, fin, fout = lin[:6]
-        D, d = q.in_features, adapter.side_dim
+        (q, k, v, o), (fin, fout) = layer_linears(encoder, li - 1)
+        d = adapter.side_dim
         importance = sum(m.weight.abs().sum(0) for m in (q, k, v, fin)) + o.weight.abs().sum(1) + fout.weight.abs().sum(1)
         keep = importance.topk(d).indices.sort().values  # (d,)
         with torch.no_grad():
             for src, dst in zip((q, k, v, o), (block.attn.q, block.attn.k, block.attn.v, block.attn.o)):
                 dst.weight.copy_(src.weight[keep][:, keep])
-                dst.bias.copy_(src.bias[keep])
+                _copy_bias(dst, src, keep)
             dense = block.ffn
             keep_f = fin.weight.abs().sum(1).topk(dense.fc1.out_features).indices.sort().values
             dense.fc1.weight.copy_(fin.weight[keep_f][:, keep])
-            dense.fc1.bias.copy_(fin.bias[keep_f])
+            _copy_bias(dense.fc1, fin, keep_f)
             dense.fc2.weight.copy_(fout.weight[keep][:, keep_f])
-            dense.fc2.bias.copy_(fout.bias[keep])
+            _copy_bias(dense.fc2, fout, keep)
         done += 1
     return done
+
+
+def _copy_bias(dst: nn.Linear, src: nn.Linear, keep: torch.Tensor) -> None:
+    if src.bias is None:
+        dst.bias.zero_()
+    else:
+        dst.bias.copy_(src.bias[keep])

@@ -140,7 +140,7 @@ def _pre_stop() -> dict:
     return {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_S)]}}}
 
 
-def triton_container(cfg: DeployConfig, repo: Repository) -> dict:
+def triton_container(cfg: DeployConfig) -> dict:
     ports = cfg.public_ports
     env = [{"name": ADMIN_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": admin_secret(cfg), "key": "key"}}}]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
@@ -200,5 +200,5 @@ def pod_template(cfg: DeployConfig, repo: Repository) -> dict:
                      "securityContext": pod_security_context(),
                      "terminationGracePeriodSeconds": PRE_STOP_S + exit_s + 20,
                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                     "containers": [triton_container(cfg, repo), guard_container(cfg, repo)],
+                     "containers": [triton_container(cfg), guard_container(cfg, repo)],
                      "volumes": volumes(cfg, repo)}}

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.k8s.__main__ import render
 from deploy.k8s.config import DeployConfig, load_repository
+from deploy.k8s.render import render
 from serving.config import ServeConfig
 from serving.repository import generate_repository
 from tests.serving.fake_export import build_fake_export

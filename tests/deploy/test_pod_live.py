@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.k8s.__main__ import ADAPTER_VALUES, render
 from deploy.k8s.config import DeployConfig, load_repository
+from deploy.k8s.render import ADAPTER_VALUES, render
 from serving.server import backend_directory, find_tritonserver, free_port
 from tests.deploy.conftest import load_rendered
 

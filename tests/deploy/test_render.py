@@ -7,9 +7,10 @@ import re
 import pytest
 
 from deploy.k8s import manifests as mf
-from deploy.k8s.__main__ import ADAPTER_VALUES, UPLOAD_POD, main, render
+from deploy.k8s.__main__ import main
 from deploy.k8s.config import ConfigError, DeployConfig, load_repository
 from deploy.k8s.pod import ADMIN_KEY_ENV, triton_args
+from deploy.k8s.render import ADAPTER_VALUES, UPLOAD_POD, render
 from serving.server import ServerOptions, TritonServer, find_tritonserver
 from serving.supervisor import SupervisorConfig
 from tests.deploy.conftest import SERVE, load_rendered

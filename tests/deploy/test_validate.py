@@ -39,7 +39,8 @@ def test_kubernetes_schemas_catch_mistakes(rendered):
     """The validator is not vacuous: a misspelt field and a wrong type are refused."""
     deployment = objects(rendered)["manifests/30-deployment.yaml"]
     typo = copy.deepcopy(deployment)
-    typo["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = typo["spec"]["template"]["spec"]["containers"][0].pop("readinessProbe")
+    container = typo["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
     wrong = copy.deepcopy(deployment)
     wrong["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8001"
     for bad in (typo, wrong):

@@ -21,7 +21,7 @@ from training.config import ConfigError
 VERSION = importlib.metadata.version("mp-ismoe")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$")
 _SOURCE = re.compile(r"^(pvc:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?|(s3|gs|as)://\S+)$")
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti)?$")
+_QUANTITY = {"cpu": re.compile(r"^[0-9]+(\.[0-9]+|m)?$"), "memory": re.compile(r"^[0-9]+(Ki|Mi|Gi|Ti)?$")}
 
 
 def server_defaults() -> dict:
@@ -68,8 +68,9 @@ class DeployConfig:
         _check(bool(_SOURCE.match(self.model_source)), "model_source",
                f"must be pvc:<claim> or an s3://, gs:// or as:// URL, got {self.model_source!r}")
         _check(self.target_queue_us >= 100, "target_queue_us", f"must be >= 100 us, got {self.target_queue_us}")
-        for key in ("cpu", "memory"):
-            _check(bool(_QUANTITY.match(getattr(self, key))), key, f"must be a Kubernetes quantity, got {getattr(self, key)!r}")
+        for key, pattern in _QUANTITY.items():
+            _check(bool(pattern.match(getattr(self, key))), key, f"must be a Kubernetes {key} quantity like "
+                   f"{getattr(DeployConfig, key)!r}, got {getattr(self, key)!r}")
         _check(60 <= self.startup_s <= 3600, "startup_s", f"must be in [60, 3600], got {self.startup_s}")
         _check(1024 <= self.internal_http_port < 65536 and self.internal_http_port not in self.public_ports.values(),
                "internal_http_port", f"must be a free port >= 1024 other than {sorted(self.public_ports.values())}")

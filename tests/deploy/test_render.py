@@ -141,7 +141,8 @@ def test_refusals(gpu_repository, tmp_path):
         render(DeployConfig(memory="512Mi"), repo, tmp_path, allow_incomplete=True)
     for bad, match in [({"image": "mp-ismoe-triton:latest"}, "deploy.image"), ({"replicas": 5}, "deploy.replicas"),
                        ({"model_source": "/data/models"}, "deploy.model_source"), ({"name": "Bad_Name"}, "deploy.name"),
-                       ({"internal_http_port": 8001}, "deploy.internal_http_port")]:
+                       ({"internal_http_port": 8001}, "deploy.internal_http_port"),
+                       ({"memory": "500m"}, "deploy.memory"), ({"cpu": "2Gi"}, "deploy.cpu")]:
         with pytest.raises(ConfigError, match=match):
             DeployConfig(**bad)
     with pytest.raises(ConfigError, match="generate the repository first"):

@@ -24,7 +24,8 @@ GATE_EXPLANATION = (
     "forced_route_max_abs: text -> logits with ONNX Runtime's routes forced; strict",
     "logits_quantile_max: text -> logits with native routes, that quantile of per-row max |error|; a route "
     "flip at a near-tie moves one row, so the maximum is reported, not gated",
-    "min_label_agreement, max_accuracy_drop: the answers themselves",
+    "min_label_agreement, max_metric_drop: the answers themselves (agreement: classification only; the metric "
+    "is the task's primary one, accuracy or Pearson)",
     "None disables a check (lossy precisions); --accept LIMIT=VALUE relaxes one (accepted_overrides)",
 )
 
@@ -51,7 +52,7 @@ class ParityGate:
     logits_quantile: float = 0.99
     logits_quantile_max: float | None = 1e-3  # end to end, native routes: that quantile of per-row max |error|
     min_label_agreement: float = 0.995
-    max_accuracy_drop: float = 0.005  # absolute: 0.005 = half a point
+    max_metric_drop: float = 0.005  # the primary metric (accuracy, Pearson), absolute: 0.005 = half a point
 
     def with_overrides(self, overrides: dict[str, float]) -> "ParityGate":
         """A copy with some limits replaced (`--accept key=value`); unknown keys are an error."""
@@ -121,9 +122,10 @@ class EndToEndParity:
     forced_route_max_abs: float = 0.0
     route_flip_tokens: int = 0  # caused by the backbone's rounding (PyTorch adapter on ORT's hidden states)
     route_flip_rows: int = 0
-    label_agreement: float = 1.0
-    accuracy_pytorch: float = 0.0
-    accuracy_onnxruntime: float = 0.0
+    label_agreement: float | None = 1.0  # None for regression
+    metric: str = "accuracy"  # the task's primary metric
+    metric_pytorch: float = 0.0
+    metric_onnxruntime: float = 0.0
 
 
 @dataclass

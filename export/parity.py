@@ -24,6 +24,7 @@ import torch
 from contracts.parity_report import (AdapterParity, EndToEndParity, ParityGate, ParityResult, RouteFlip, RowError,
                                      TensorError)
 from training.data import Example, make_loader
+from training.metrics import PRIMARY, predictions, task_metrics
 from training.moe import MoEBlock, forced_routes, routing_margin
 
 from .ort_session import make_session
@@ -33,19 +34,21 @@ _LOSSY = dict(backbone_max_rel=None, forced_route_max_abs=None, logits_quantile_
 GATES = {
     "int8-weight": ParityGate(),
     "fp32": ParityGate(),
-    "fp16": ParityGate(**{**_LOSSY, "logits_quantile_max": 5e-2}, min_label_agreement=0.98, max_accuracy_drop=0.01),
+    "fp16": ParityGate(**{**_LOSSY, "logits_quantile_max": 5e-2}, min_label_agreement=0.98, max_metric_drop=0.01),
     # w8a8 is judged by accuracy (within one point). Int8 activations flip ~5% of the labels that sit
     # near the decision boundary without moving accuracy; 0.93 agreement catches a broken graph
     # (quantized MatMul outputs gave 0.87), not ordinary int8 noise.
-    "w8a8": ParityGate(**_LOSSY, min_label_agreement=0.93, max_accuracy_drop=0.01),
-    "int4-weight": ParityGate(**_LOSSY, min_label_agreement=0.90, max_accuracy_drop=0.03),
+    "w8a8": ParityGate(**_LOSSY, min_label_agreement=0.93, max_metric_drop=0.01),
+    "int4-weight": ParityGate(**_LOSSY, min_label_agreement=0.90, max_metric_drop=0.03),
 }
 MAX_FLIPS_LISTED, WORST_ROWS = 20, 10
 
 
 def to_examples(rows: list[dict], labels: list[str]) -> list[Example]:
+    """Held-out rows as Examples: a label name becomes its index; a regression score stays a float."""
     index = {l: i for i, l in enumerate(labels)}
-    return [Example(r["text"], r.get("text_pair"), index[r["label"]]) for r in rows]
+    return [Example(r["text"], r.get("text_pair"),
+                    float(r["label"]) if isinstance(r["label"], (int, float)) else index[r["label"]]) for r in rows]
 
 
 def moe_blocks(model) -> list[MoEBlock]:
@@ -123,8 +126,8 @@ def _compare_batch(model, blocks, backbone, adapter, route_names, feeds, labels,
         tally.e2e_flips += route_flips(idx_t, routes_e, gates_t, mask, offset)
     tally.e2e.forced_route_max_abs = max(tally.e2e.forced_route_max_abs, float(np.abs(logits_e - logits_ef).max()))
     tally.row_err.append(np.abs(logits_e - logits_t.numpy()).max(-1))  # (B,)
-    tally.pred_t.append(logits_t.numpy().argmax(-1))
-    tally.pred_o.append(logits_e.argmax(-1))
+    tally.pred_t.append(logits_t.numpy())  # (B, C); labels or scores are read off in _result
+    tally.pred_o.append(logits_e)
     tally.y.append(labels)
 
 
@@ -153,21 +156,25 @@ def _judge(result: ParityResult) -> list[str]:
     if g.logits_quantile_max is not None and e.quantile_abs > g.logits_quantile_max:
         fails.append(f"end to end: {g.logits_quantile:g} quantile of per-row logits error {e.quantile_abs:.3g} > "
                      f"{g.logits_quantile_max:g}")
-    if e.label_agreement < g.min_label_agreement:
+    if e.label_agreement is not None and e.label_agreement < g.min_label_agreement:
         fails.append(f"label agreement {e.label_agreement:.4f} < {g.min_label_agreement}")
-    if e.accuracy_pytorch - e.accuracy_onnxruntime > g.max_accuracy_drop:
-        fails.append(f"accuracy drop {e.accuracy_pytorch - e.accuracy_onnxruntime:.4f} > {g.max_accuracy_drop}")
+    if e.metric_pytorch - e.metric_onnxruntime > g.max_metric_drop:
+        fails.append(f"{e.metric} drop {e.metric_pytorch - e.metric_onnxruntime:.4f} > {g.max_metric_drop}")
     return fails
 
 
-def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], labels: list[str]) -> ParityResult:
+def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], labels: list[str],
+            task_type: str) -> ParityResult:
     err = np.concatenate(tally.row_err)  # (N,)
-    pt, po, y = (np.concatenate(v) for v in (tally.pred_t, tally.pred_o, tally.y))
+    lt, lo, y = (np.concatenate(v) for v in (tally.pred_t, tally.pred_o, tally.y))  # (N, C), (N, C), (N,)
+    pt, po = (np.asarray(predictions(torch.from_numpy(x), task_type)) for x in (lt, lo))
     e = tally.e2e
     e.max_abs, e.median_abs = float(err.max()), float(np.median(err))
     e.quantile_abs = float(np.quantile(err, gate.logits_quantile))
-    e.label_agreement = float((pt == po).mean())
-    e.accuracy_pytorch, e.accuracy_onnxruntime = float((pt == y).mean()), float((po == y).mean())
+    e.metric = PRIMARY[task_type]
+    e.metric_pytorch = task_metrics(pt.tolist(), y.tolist(), task_type, len(labels))[e.metric]
+    e.metric_onnxruntime = task_metrics(po.tolist(), y.tolist(), task_type, len(labels))[e.metric]
+    e.label_agreement = float((pt == po).mean()) if task_type == "classification" else None
     e.route_flip_tokens, e.route_flip_rows = len(tally.e2e_flips), len({f.row for f in tally.e2e_flips})
     a = tally.adapter
     a.route_flip_tokens, a.route_flip_rows = len(tally.adapter_flips), len({f.row for f in tally.adapter_flips})
@@ -175,7 +182,8 @@ def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], label
     flips_per_row: dict[int, int] = {}
     for f in tally.e2e_flips:
         flips_per_row[f.row] = flips_per_row.get(f.row, 0) + 1
-    worst = [RowError(int(i), texts[i][:200], float(err[i]), flips_per_row.get(int(i), 0), labels[pt[i]], labels[po[i]])
+    name = (lambda v: labels[int(v)]) if task_type == "classification" else (lambda v: f"{float(v):.4g}")
+    worst = [RowError(int(i), texts[i][:200], float(err[i]), flips_per_row.get(int(i), 0), name(pt[i]), name(po[i]))
              for i in np.argsort(-err)[:WORST_ROWS]]
     listed = sorted(tally.adapter_flips, key=lambda f: -f.margin)[:MAX_FLIPS_LISTED // 2]
     listed += tally.e2e_flips[:MAX_FLIPS_LISTED - len(listed)]
@@ -187,7 +195,8 @@ def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], label
 
 def check_parity(model, tokenizer, rows: list[dict], labels: list[str], max_length: int, backbone_path,
                  adapter_path, precision: str, accuracy_level: int = 1, threads: int | None = None,
-                 batch_size: int = 64, gate: ParityGate | None = None) -> ParityResult:
+                 batch_size: int = 64, gate: ParityGate | None = None,
+                 task_type: str = "classification") -> ParityResult:
     """Run the checkpoint and the two ONNX graphs on `rows`; return the judged parity result."""
     gate = gate or GATES[precision]
     model.eval()
@@ -204,4 +213,4 @@ def check_parity(model, tokenizer, rows: list[dict], labels: list[str], max_leng
             feeds = {k: batch[k].numpy() for k in inputs}
             _compare_batch(model, blocks, backbone, adapter, route_names, feeds, batch["labels"].numpy(), offset, tally)
             offset += len(batch["labels"])
-    return _result(tally, gate, accuracy_level, [r["text"] for r in rows], labels)
+    return _result(tally, gate, accuracy_level, [r["text"] for r in rows], labels, task_type)

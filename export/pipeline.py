@@ -227,7 +227,8 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> ExportReport:
         log(f"[export] parity on {len(rows)} held-out rows (ONNX Runtime accuracy levels {EXACT_ACCURACY_LEVEL} and {FAST_ACCURACY_LEVEL})")
         report.parity = {f"accuracy_level_{lvl}": check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"],
                                                                out / "backbone.onnx", out / "adapter.onnx", cfg.precision,
-                                                               lvl, cfg.threads, gate=gate)
+                                                               lvl, cfg.threads, gate=gate,
+                                                               task_type=meta.get("task_type", "classification"))
                          for lvl in (EXACT_ACCURACY_LEVEL, FAST_ACCURACY_LEVEL)}
         log("[export] polygraphy run --onnxrt against saved PyTorch outputs")
         report.polygraphy_run = polygraphy_parity(model, spec, out, rows, tokenizer, meta, cfg)
@@ -294,8 +295,9 @@ def format_report(report: ExportReport) -> str:
         lines.append(f"  {f'end-to-end logits error p{100 * p.gate.logits_quantile:g} / max':<50} "
                      f"{f'{e.quantile_abs:.3g} / {e.max_abs:.3g}':>16}")
         lines.append(f"  {'end-to-end route flips (tokens / rows)':<50} {f'{e.route_flip_tokens} / {e.route_flip_rows}':>16}")
-        lines.append(f"  {'label agreement':<50} {e.label_agreement:>16.4f}")
-        lines.append(f"  {'accuracy pytorch / onnxruntime':<50} {f'{e.accuracy_pytorch:.4f} / {e.accuracy_onnxruntime:.4f}':>16}")
+        if e.label_agreement is not None:
+            lines.append(f"  {'label agreement':<50} {e.label_agreement:>16.4f}")
+        lines.append(f"  {e.metric + ' pytorch / onnxruntime':<50} {f'{e.metric_pytorch:.4f} / {e.metric_onnxruntime:.4f}':>16}")
     s = report.sizes
     if "backbone_ratio_vs_fp32" in s:
         lines.append(f"{'backbone.onnx size vs fp32 export':<52} {s['backbone_ratio_vs_fp32']:>16.3f}")

@@ -4,7 +4,8 @@ import torch
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, MPNetConfig, MPNetModel,
                           RobertaConfig, RobertaModel)
 
-from training.backbone import BackboneTap, embeddings_module, encoder_layers, last_layernorm, masked_mean
+from training.architectures import tapped_layernorms
+from training.backbone import BackboneTap, embeddings_module, encoder_layers, masked_mean
 from training.config import load_config
 from training.model import SideTuned, backbone_info, build_side_model
 from training.quant import QuantizedLinear
@@ -60,11 +61,12 @@ def test_layer_discovery(kind):
     layers = encoder_layers(enc)
     assert isinstance(layers, torch.nn.ModuleList) and len(layers) == L
     names = {id(m): n for n, m in enc.named_modules()}
-    for layer in layers:
-        assert names[id(last_layernorm(layer))].endswith(FINAL_LN[kind])
+    norms = tapped_layernorms(enc, [1, 2, 3])
+    assert names[id(norms[0])].endswith("embeddings.LayerNorm")
+    for norm in norms[1:]:
+        assert names[id(norm)].endswith(FINAL_LN[kind])
     emb = embeddings_module(enc)
     assert enc.get_input_embeddings() in emb.children()
-    assert names[id(last_layernorm(emb))].endswith("embeddings.LayerNorm")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -188,7 +190,7 @@ def test_truncated_layernorm_mode_trains_only_tapped_affine_params(kind):
     # the last tap's loss reaches only the last tapped LayerNorm: the LN input is detached
     tap.encoder.zero_grad(set_to_none=True)
     hs, _ = tap(*inputs())
-    last = last_layernorm(encoder_layers(tap.encoder)[2])
+    last = tapped_layernorms(tap.encoder, [3])[-1]
     assert _grad_names(tap, hs[:, -1].sum()) == {n for n, p in tap.encoder.named_parameters()
                                                   if p is last.weight or p is last.bias}
 

@@ -148,7 +148,7 @@ def test_parity_json_has_both_accuracy_levels_and_passes(exported):
         assert p.end_to_end.label_agreement >= 0.95 and p.adapter.routes_observable
     assert exact.passed and exact.end_to_end.label_agreement == 1.0
     assert exact.adapter.forced_route_max_abs < 1e-5 and exact.backbone["hidden_states"].max_rel < 1e-5
-    assert exact.end_to_end.accuracy_pytorch == exact.end_to_end.accuracy_onnxruntime
+    assert exact.end_to_end.metric == "accuracy" and exact.end_to_end.metric_pytorch == exact.end_to_end.metric_onnxruntime
     assert exact.gate == GATES["int8-weight"] and exact.gate.logits_quantile_max <= 1e-3
     assert exact.adapter.non_tie_flips == 0 and len(exact.worst_rows) == 10
     assert fast.backbone["hidden_states"].max_rel >= exact.backbone["hidden_states"].max_rel  # level 4 is lossier

@@ -161,7 +161,7 @@ def test_prune_init_copies_top_magnitude_submatrices():
     bert = tiny_bert(layers=3)
     adapter = make_adapter(moe=False)  # K = 3: taps = embeddings + 2 layers
     tap_layers = [1, 3]
-    assert prune_init_(adapter, encoder_layers(bert), tap_layers) == 2
+    assert prune_init_(adapter, bert, tap_layers) == 2
     d, f = adapter.side_dim, adapter.blocks[0].ffn.fc1.out_features
     assert (d, f) == (8, 16)
     for block, li in zip(adapter.blocks, tap_layers):
@@ -187,12 +187,12 @@ def test_prune_init_copies_top_magnitude_submatrices():
 def test_prune_init_then_upcycle_gives_experts_equal_to_the_pruned_ffn():
     bert = tiny_bert()
     adapter = make_adapter(moe=False)
-    prune_init_(adapter, encoder_layers(bert), [1, 2])
+    prune_init_(adapter, bert, [1, 2])
     fc1 = adapter.blocks[0].ffn.fc1.weight.clone()
     adapter.upcycle_(MoEConfig(num_experts=4, top_k=2, upcycle="copy"))
     for n in range(4):
         assert torch.equal(adapter.blocks[0].ffn.experts.w1[n], fc1.t())
-    assert prune_init_(adapter, encoder_layers(bert), [1, 2]) == 0  # MoE blocks are left alone
+    assert prune_init_(adapter, bert, [1, 2]) == 0  # MoE blocks are left alone
 
 
 def _loss_and_grads(adapter, hs, cls, mask):

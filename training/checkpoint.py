@@ -28,7 +28,9 @@ CALIBRATION_ROWS = 512
 
 
 def examples_jsonl(examples, labels: list[str]) -> str:
-    rows = [{"text": e.text, "text_pair": e.text_pair, "label": labels[e.label]} for e in examples]
+    """One JSON row per example; the label by name, or the score itself for regression."""
+    rows = [{"text": e.text, "text_pair": e.text_pair, "label": e.label if isinstance(e.label, float) else labels[e.label]}
+            for e in examples]
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -46,11 +48,11 @@ def _contiguous(state: dict) -> dict:
 
 def save_checkpoint(out_dir: Path, model: SideTuned, cfg, info: BackboneInfo, tokenizer, labels: list[str],
                     task: str, text_pair: bool, metrics: dict, noise_state: dict | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, task_type: str = "classification") -> Path:
     """Write `out_dir/checkpoint` atomically; returns its path."""
     target = Path(out_dir) / "checkpoint"
     with atomic_directory(target, "checkpoint", {"format": CHECKPOINT_FORMAT}) as tmp:
-        meta = {"format": CHECKPOINT_FORMAT, "task": task, "labels": labels, "text_pair": text_pair,
+        meta = {"format": CHECKPOINT_FORMAT, "task": task, "task_type": task_type, "labels": labels, "text_pair": text_pair,
                 "backbone": info.to_dict(), "max_length": cfg.backbone.max_length, "run": cfg.to_dict()}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         model.tap.encoder.config.to_json_file(tmp / "backbone_config.json")

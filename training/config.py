@@ -63,6 +63,7 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     max_examples: int | None = None  # stratified subsample, for quick runs
+    task_type: str = "auto"  # auto | classification | regression (one score per row, MSE)
 
     def __post_init__(self):
         _check(bool(self.dataset), "data.dataset", "must not be empty")
@@ -70,6 +71,7 @@ class DataConfig:
             v = getattr(self, k)
             _check(0.0 < v < 0.5, f"data.{k}", f"must be in (0, 0.5), got {v}")
         _check(self.max_examples is None or self.max_examples >= 10, "data.max_examples", "must be >= 10")
+        _one_of(self.task_type, ("auto", "classification", "regression"), "data.task_type")
 
 
 @dataclass

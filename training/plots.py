@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(log_path: Path, out_png: Path, title: str = "") -> Path:
-    steps, losses, epochs, accs = [], [], [], []
+    steps, losses, epochs, accs, metric = [], [], [], [], "val_accuracy"
     for line in Path(log_path).read_text().splitlines():
         rec = json.loads(line)
         if "step" in rec:
@@ -19,12 +19,13 @@ def plot_curves(log_path: Path, out_png: Path, title: str = "") -> Path:
             losses.append(rec["task_loss"])
         elif rec.get("event") == "eval":
             epochs.append(rec["epoch"])
-            accs.append(rec["val_accuracy"])
+            metric = next(k for k in rec if k.startswith("val_") and k != "val_loss")
+            accs.append(rec[metric])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax1.plot(steps, losses, lw=1)
     ax1.set(xlabel="step", ylabel="training loss", title="loss")
     ax2.plot(epochs, accs, marker="o")
-    ax2.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy")
+    ax2.set(xlabel="epoch", ylabel=f"validation {metric[4:]}", title=f"validation {metric[4:]}")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)

@@ -2,11 +2,13 @@
 
 AdamW with warmup + linear decay, gradient clipping, bf16 autocast on CUDA, evaluation every
 epoch, best-on-validation weights, GNP-IQ re-quantization events every M epochs, a per-step JSONL
-log, a curves PNG, and `metrics.json` with accuracy, peak memory and step time.
+log, curves / routing / GNP-IQ PNGs, and `metrics.json` with the task's metrics (training/metrics.py),
+peak memory and step time. Classification trains with cross-entropy, regression with MSE.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -14,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbone import load_tokenizer
@@ -23,6 +24,7 @@ from .config import RunConfig
 from .data import describe, load_splits, make_loader
 from .distributed import Dist, ShardSampler
 from .evaluation import evaluate
+from .metrics import PRIMARY, task_loss
 from .model import SideTuned, aux_loss, backbone_bytes, build_model, trainable_parameters
 from .plots import plot_curves, plot_noise, plot_router
 from .prior_init import kmeans_prior_init_
@@ -135,7 +137,7 @@ class Trainer:
             for b in batches:
                 with autocast(self.device, self.cfg.train.amp):
                     logits, _ = self.model(b)
-                total += F.cross_entropy(logits.float(), b["labels"]).item()
+                total += task_loss(logits, b["labels"], self.splits.task_type).item()
             return self.dist.mean(total / len(batches))  # every rank takes the same SPSA step
         return loss_fn
 
@@ -150,8 +152,8 @@ class Trainer:
             batch = to_device(batch, self.device)
             with autocast(self.device, cfg.amp):
                 logits, aux = self._forward(batch)
-            task_loss = F.cross_entropy(logits.float(), batch["labels"])
-            loss = task_loss + aux_loss(aux, self.cfg)
+            main_loss = task_loss(logits, batch["labels"], self.splits.task_type)
+            loss = main_loss + aux_loss(aux, self.cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -161,10 +163,10 @@ class Trainer:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - t0)
             global_step += 1
-            losses.append(task_loss.item())
+            losses.append(main_loss.item())
             if global_step % cfg.log_every == 0:
                 log.write(json.dumps({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
-                                      "task_loss": task_loss.item(), "lr": scheduler.get_last_lr()[0],
+                                      "task_loss": main_loss.item(), "lr": scheduler.get_last_lr()[0],
                                       "step_time_s": step_times[-1]}) + "\n")
                 bar.set_postfix(loss=f"{statistics.fmean(losses[-cfg.log_every:]):.4f}")
             if cfg.max_steps and global_step >= cfg.max_steps:
@@ -187,7 +189,8 @@ class Trainer:
                   f"{trainable_parameters(self.model):,} trainable parameters")
         spsa_loss = self._spsa_loss_fn() if self.requantizer and cfg.quant.noise == "learned" else None
         epochs, events, step_times, global_step = [], [], [], 0
-        best = {"accuracy": -1.0}
+        best = {"primary": -math.inf}
+        metric = PRIMARY[self.splits.task_type]
         t_start = time.perf_counter()
         with open(self.log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress
             for epoch in range(cfg.train.epochs):
@@ -195,19 +198,20 @@ class Trainer:
                 global_step, train_loss = self._train_epoch(epoch, optimizer, scheduler, log, step_times, global_step)
                 memory.pause()
                 router = RouterStats()
-                val = evaluate(self.model, self.splits.val, self.eval_loader, self.device, cfg.train.amp, router, self.dist)
+                val = self._evaluate(self.splits.val, router)
                 memory.resume()
                 routing = router.summary(self.model)
                 if routing["blocks"]:
                     log.write(json.dumps({"event": "router", "epoch": epoch + 1, **routing}) + "\n")
-                record = {"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val["accuracy"],
+                record = {"epoch": epoch + 1, "train_loss": train_loss, f"val_{metric}": val["primary"],
                           "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
                 epochs.append(record)
                 log.write(json.dumps({"event": "eval", **record}) + "\n")
                 self._say(f"[train] epoch {epoch + 1}: train loss {self.dist.mean(train_loss):.4f}  "
-                          f"val acc {val['accuracy']:.4f}")
-                if val["accuracy"] > best["accuracy"]:
-                    best = {"accuracy": val["accuracy"], "epoch": epoch + 1, "state": snapshot(self.model),
+                          f"val {metric} {val['primary']:.4f}")
+                if val["primary"] > best["primary"]:
+                    best = {"primary": val["primary"], "metrics": val["metrics"], "epoch": epoch + 1,
+                            "state": snapshot(self.model),
                             "noise": self._noise_state()}
                 last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and global_step >= cfg.train.max_steps)
                 if self.requantizer and (epoch + 1) % cfg.quant.requant_every_epochs == 0 and not last:
@@ -221,12 +225,16 @@ class Trainer:
         train_time = time.perf_counter() - t_start
         peak, peak_kind, static_memory = self.dist.max(memory.gib()), memory.kind, memory.static  # the largest rank
         self.model.load_state_dict(best["state"])
-        test = evaluate(self.model, self.splits.test, self.eval_loader, self.device, cfg.train.amp, d=self.dist)
+        test = self._evaluate(self.splits.test)
         metrics = self._metrics(test, best, epochs, events, step_times, train_time, peak, peak_kind, static_memory)
         if self.dist.is_main:  # one writer: checkpoint, manifest, metrics, plots
             self._write_outputs(metrics, best)
         self.dist.barrier()
         return metrics
+
+    def _evaluate(self, examples: list, router: RouterStats | None = None) -> dict:
+        return evaluate(self.model, examples, self.eval_loader, self.device, self.cfg.train.amp, router, self.dist,
+                        self.splits.task_type, len(self.splits.labels))
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
@@ -239,7 +247,10 @@ class Trainer:
         qbytes = backbone_bytes(self.model)
         return {
             "task": self.splits.name, "method": self.cfg.train.method, "labels": self.splits.labels,
-            "test_accuracy": test["accuracy"], "val_accuracy": best["accuracy"], "best_epoch": best["epoch"],
+            "task_type": self.splits.task_type, "primary_metric": PRIMARY[self.splits.task_type],
+            "test_metrics": test["metrics"], "val_metrics": best["metrics"],
+            **({"test_accuracy": test["accuracy"], "val_accuracy": best["metrics"]["accuracy"]}
+               if self.splits.task_type == "classification" else {}), "best_epoch": best["epoch"],
             "test_size": len(self.splits.test), "epochs": epochs,
             "trainable_parameters": trainable_parameters(self.model),
             "backbone_bytes": qbytes, "backbone_fp32_bytes": self.info.fp32_bytes,
@@ -262,9 +273,11 @@ class Trainer:
                             self.splits.name, self.splits.text_pair, metrics, best["noise"],
                             extra_files={HELDOUT_FILE: examples_jsonl(self.splits.test, self.splits.labels),
                                          CALIBRATION_FILE: examples_jsonl(self.splits.train[:CALIBRATION_ROWS],
-                                                                          self.splits.labels)})
+                                                                          self.splits.labels)},
+                            task_type=self.splits.task_type)
             print(f"[train] checkpoint written to {self.out_dir / 'checkpoint'}", flush=True)
-        print(f"[train] test accuracy {metrics['test_accuracy']:.4f}; backbone bytes ratio "
+        primary = metrics["primary_metric"]
+        print(f"[train] test {primary} {metrics['test_metrics'][primary]:.4f}; backbone bytes ratio "
               f"{metrics['backbone_bytes_ratio']:.3f}; peak memory {metrics['peak_memory_gib']:.2f} GiB "
               f"({metrics['peak_memory_kind']})", flush=True)
 

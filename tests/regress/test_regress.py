@@ -7,7 +7,7 @@ machines cannot fail it; parity and label agreement at the int8-weight export ga
 legitimate-looking re-export must then fail, naming the metrics.
 
 Regenerate the committed baseline (deliberately, after a change that is meant to move the figures):
-    REGRESS_UPDATE_BASELINE=1 python -m pytest tests/test_regress.py -k committed
+    REGRESS_UPDATE_BASELINE=1 python -m pytest tests/regress/test_regress.py -k committed
 """
 import json
 import os
@@ -25,7 +25,7 @@ from regress.rules import RULES, Rule, check, compare, format_table, resolve_tol
 from tests.conftest import tiny_overrides
 from tests.onnx_fixtures import scale_dequantize_scales
 
-COMMITTED = Path(__file__).parent / "data" / "regress_tiny_baseline.json"
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "regress_tiny_baseline.json"
 COMMITTED_TOLERANCES = ["accuracy=0.09"]  # 2 of 24 rows: training differs a little across CPUs
 # Pinned here (not shared with other tests): the committed baseline depends on it.
 BUDGET = ["train.lr=3e-3", "train.epochs=15", "quant.requant_every_epochs=6"]

@@ -130,7 +130,7 @@ def test_side_attention_width_must_divide_heads():
 
 
 def test_upcycle_turns_every_block_into_an_moe_equal_to_its_dense_ffn():
-    """With the paper's identical copies; the default `noise` upcycling is near it (tests/test_moe.py)."""
+    """With the paper's identical copies; the default `noise` upcycling is near it (tests/training/test_moe.py)."""
     dense_adapter = make_adapter(moe=False)
     adapter = copy.deepcopy(dense_adapter)
     adapter.upcycle_(MoEConfig(num_experts=4, top_k=2, upcycle="copy"))

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from tests.test_backbone import FakeTokenizer, inputs, make_encoder
+from tests.training.test_backbone import FakeTokenizer, inputs, make_encoder
 from training.config import load_config
 from training.model import build_side_model
 from training.moe import centred_unit

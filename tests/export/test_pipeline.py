@@ -26,7 +26,7 @@ from contracts.parity_report import ExportReport
 from export.parity import GATES, check_parity, to_examples
 from export.pipeline import PARITY_FILE, ExportConfig, io_spec_for, run_export, write_backbone
 from export.trt_check import check_tensorrt_compatible
-from tests.test_train_tiny import trained_tiny_run
+from tests.training.test_trainer import trained_tiny_run
 from training.artifacts import ArtifactError, verify_manifest
 from training.checkpoint import (BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples,
                                  save_checkpoint)
@@ -34,7 +34,7 @@ from training.data import make_loader
 from training.model import BackboneInfo
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -74,8 +74,9 @@ def main(argv=None) -> int:
     (args.docs / "capacity.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Side width and expert count under LST's memory budget", "", f"Command: `{report['command']}`", "",
              f"Budget: LST at r = 8, {budget:.3f} GiB accounted (all-mpnet-base-v2 architecture, batch 32, bf16; "
-             "docs/memory.md). Accuracy: MiniLM on Rotten Tomatoes, the default budget, seeds "
-             f"{args.seeds}; mean (x100) over seeds. Chosen by validation accuracy only.", "",
+             "docs/memory.md). Accuracy: MiniLM on Rotten Tomatoes with configs/default.yaml"
+             + (f" and `{' '.join(args.overrides)}`" if args.overrides else "") + f", seeds {args.seeds}; "
+             "mean (x100) over seeds. Chosen by validation accuracy only.", "",
              "| configuration | accounted GiB | within budget | val accuracy | test accuracy |", "|---|---|---|---|---|"]
     for label, r in results.items():
         val, test = (statistics.fmean(r[k].values()) if r[k] else float("nan") for k in ("val", "test"))

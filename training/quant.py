@@ -202,8 +202,9 @@ def _quantize_module(m: nn.Module, cfg: QuantConfig, tied: dict[int, tuple[Tenso
 
 
 def quantize_(model: nn.Module, cfg: QuantConfig,
-              filter_fn: Callable[[str, nn.Module], bool] | None = None) -> list[str]:
-    """Replace, in place, every nn.Linear (and nn.Embedding if cfg.quantize_embeddings) passing filter_fn.
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list[str]:
+    """Replace, in place, every nn.Linear (and nn.Embedding if cfg.quantize_embeddings) passing filter_fn(module, name)
+    (torchao's argument order).
 
     Exact types only: subclasses such as nn.MultiheadAttention's out_proj (whose weight MHA reads
     directly) are left alone. A module reachable under several names is judged under the first name met
@@ -221,7 +222,7 @@ def quantize_(model: nn.Module, cfg: QuantConfig,
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if id(child) not in decided:
-                keep = filter_fn is not None and not filter_fn(name, child)
+                keep = filter_fn is not None and not filter_fn(child, name)
                 decided[id(child)] = None if keep else _quantize_module(child, cfg, tied)
                 if not keep:
                     replaced.append(name)

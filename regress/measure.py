@@ -138,11 +138,27 @@ class Heldout:
     export: object  # serving.artifacts.ExportedRun
     texts: list[str]
     pairs: list[str] | None
-    y: np.ndarray  # (N,) label indices
+    y: np.ndarray  # (N,) label indices, or scores for regression
 
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.meta["labels"])
+
+    @property
+    def task_type(self) -> str:
+        return self.meta.get("task_type", "classification")
+
+    @property
+    def metric(self) -> str:
+        """The task's primary metric: accuracy, or Pearson correlation for regression."""
+        return "pearson" if self.task_type == "regression" else "accuracy"
+
+    def score(self, logits: np.ndarray) -> float:
+        """The primary metric of logits (N, C) against the held-out labels."""
+        from training.metrics import task_metrics
+
+        pred = logits[:, 0] if self.task_type == "regression" else logits.argmax(-1)
+        return task_metrics(pred.tolist(), self.y.tolist(), self.task_type, len(self.labels))[self.metric]
 
     def example(self, i: int) -> tuple[list[str], list[str] | None]:
         """Example i (cycling) as a batch of one: the unit of every latency measurement."""
@@ -168,7 +184,8 @@ def load_heldout(run: str | Path, rows: int | None = None) -> Heldout:
     labels = list(meta["labels"])
     return Heldout(run, meta, export, [r["text"] for r in examples],
                    [r["text_pair"] for r in examples] if meta["text_pair"] else None,
-                   np.array([labels.index(r["label"]) for r in examples]))
+                   np.array([float(r["label"]) if meta.get("task_type") == "regression" else labels.index(r["label"])
+                             for r in examples]))
 
 
 def _load_export(run: Path):
@@ -189,8 +206,8 @@ def _load_export(run: Path):
         raise
 
 
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    return float((logits.argmax(-1) == y).mean())
+def _agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float((logits.argmax(-1) == reference.argmax(-1)).mean())
 
 
 def _recorded_figures(data: Heldout, m: dict) -> dict:
@@ -203,8 +220,10 @@ def _recorded_figures(data: Heldout, m: dict) -> dict:
         gated = ExportReport.load(data.export.export_dir / PARITY_FILE).gated()
     except ReportError as e:
         raise ArtifactError(str(e)) from None
-    m["accuracy.checkpoint"] = float(recorded["test_accuracy"])
-    m["agreement.export"] = gated.end_to_end.label_agreement
+    m[f"{data.metric}.checkpoint"] = float((recorded.get("test_metrics") or {}).get(data.metric,
+                                                                                  recorded.get("test_accuracy", 0.0)))
+    if gated.end_to_end.label_agreement is not None:
+        m["agreement.export"] = gated.end_to_end.label_agreement
     m["parity.export_forced_route_max_abs"] = gated.end_to_end.forced_route_max_abs
     for graph in ("backbone", "adapter"):
         m[f"size.{graph}_bytes"] = float(sum(p.stat().st_size for p in onnx_files(data.export.graph(graph))))
@@ -217,11 +236,15 @@ def _served_figures(data: Heldout, pt: np.ndarray, ort1: np.ndarray, inproc, opt
     labels = data.labels
     with served_client(data.run, opts.max_batch_size, opts.threads) as client:
         preds = client.classify(data.export.task, data.texts, data.pairs)
-        probs = np.array([[p.probabilities[k] for k in labels] for p in preds])  # (N, C)
-        served = np.array([labels.index(p.label) for p in preds])
-        figs.metrics["accuracy.served"] = float((served == data.y).mean())
-        figs.metrics["agreement.served"] = float((served == pt.argmax(-1)).mean())
-        figs.metrics["parity.served_probabilities_max_abs"] = float(np.abs(probs - softmax(ort1)).max())
+        if data.task_type == "regression":  # served as a score
+            scores = np.array([[p.score] for p in preds])  # (N, 1)
+            figs.metrics[f"{data.metric}.served"] = data.score(scores)
+            figs.metrics["parity.served_probabilities_max_abs"] = float(np.abs(scores - ort1).max())
+        else:
+            probs = np.array([[p.probabilities[k] for k in labels] for p in preds])  # (N, C)
+            figs.metrics["accuracy.served"] = data.score(probs)
+            figs.metrics["agreement.served"] = _agreement(probs, pt)
+            figs.metrics["parity.served_probabilities_max_abs"] = float(np.abs(probs - softmax(ort1)).max())
         if opts.latency:
             ms = time_interleaved({"onnxruntime": lambda i: inproc.classify(*data.example(i)),
                                    "triton": lambda i: client.classify(data.export.task, *data.example(i))},
@@ -248,10 +271,10 @@ def measure(run: str | Path, opts: Options) -> Figures:
         inproc = InProcessClassifier(data.run, opts.threads or 0, EXACT_ACCURACY_LEVEL)
         fast = InProcessClassifier(data.run, opts.threads or 0, FAST_ACCURACY_LEVEL)
         ort1, ort4 = in_chunks(inproc.logits, data.texts, data.pairs), in_chunks(fast.logits, data.texts, data.pairs)
-    m["accuracy.pytorch"], m["accuracy.onnxruntime"] = _accuracy(pt, data.y), _accuracy(ort1, data.y)
-    m["accuracy.onnxruntime_level4"] = _accuracy(ort4, data.y)
-    m["agreement.onnxruntime"] = _accuracy(ort1, pt.argmax(-1))
-    m["agreement.onnxruntime_level4"] = _accuracy(ort4, pt.argmax(-1))
+    m[f"{data.metric}.pytorch"], m[f"{data.metric}.onnxruntime"] = data.score(pt), data.score(ort1)
+    m[f"{data.metric}.onnxruntime_level4"] = data.score(ort4)
+    if data.task_type == "classification":
+        m["agreement.onnxruntime"], m["agreement.onnxruntime_level4"] = _agreement(ort1, pt), _agreement(ort4, pt)
     row_err = np.abs(ort1 - pt).max(-1)  # (N,): a route flip at a near-tie moves one row, not the quantile
     m["parity.logits_p99_abs"], m["parity.logits_max_abs"] = float(np.quantile(row_err, 0.99)), float(row_err.max())
     if opts.latency:

@@ -2,7 +2,7 @@
 
 Tolerances: built-in defaults (per precision where None: the export gate of that precision,
 contracts.parity_report / export.parity.GATES) < the baseline's "tolerances" < --tolerances.
-  accuracy.*   drop vs baseline <= `accuracy` (absolute, 0.005 = 0.5 point)
+  accuracy.*   drop vs baseline <= `accuracy` (absolute, 0.005 = 0.5 point); pearson.* (regression) alike
   agreement.*  label agreement with the PyTorch checkpoint >= `agreement`, `agreement_level4` for ORT level 4
   parity.*     `parity` bounds the 0.99 quantile of per-row logits errors vs PyTorch (a route flip at a
                near-tie moves one row, not the quantile), `forced_parity` the export's error with ONNX
@@ -33,6 +33,8 @@ RULES = {
     "accuracy.onnxruntime": Rule("drop", "accuracy"),  # exported graphs, ORT accuracy level 1
     "accuracy.onnxruntime_level4": Rule("drop", "accuracy"),
     "accuracy.served": Rule("drop", "accuracy"),
+    **{f"pearson.{k}": Rule("drop", "accuracy") for k in  # regression tasks: the same rule on Pearson's r
+       ("checkpoint", "pytorch", "onnxruntime", "onnxruntime_level4", "served")},
     "agreement.onnxruntime": Rule("min", "agreement"),
     "agreement.onnxruntime_level4": Rule("min", "agreement_level4"),
     "agreement.served": Rule("min", "agreement"),
@@ -118,7 +120,7 @@ def _delta(r: Row) -> str:
     kind = r.metric.split(".", 1)[0]
     if kind in ("size", "latency") and r.baseline:
         return f"{100 * (r.current / r.baseline - 1):+.1f}%"
-    if kind in ("accuracy", "agreement"):
+    if kind in ("accuracy", "agreement", "pearson"):
         return f"{100 * (r.current - r.baseline):+.2f} pt"
     return f"{r.current - r.baseline:+.3g}"
 

@@ -54,18 +54,52 @@ def start_server(run: Path, tmp: Path, extra: list[str]) -> tuple[subprocess.Pop
     return proc, ports, status
 
 
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (tritonserver and its python stubs), MiB."""
-    total, pids = 0, [pid]
-    while pids:
-        p = pids.pop()
+    total = 0
+    for p in _tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
             total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
-            pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
         except (OSError, StopIteration):
             pass
     return total / 1024
+
+
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds all processes have used, CPU seconds of `pids` and their descendants), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    ours = 0
+    for p in {q for pid in pids for q in _tree(pid)}:
+        try:
+            ours += sum(int(x) for x in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+        except OSError:
+            pass
+    return (sum(f) - f[3] - f[4]) / ticks, ours / ticks
+
+
+def timed_phase(pids: list[int], call) -> tuple[list, float, float]:
+    """Run `call()`; return its result, the wall time, and the cores other processes used meanwhile."""
+    busy0, ours0 = cpu_seconds(pids)
+    t0 = time.perf_counter()
+    result = call()
+    wall = time.perf_counter() - t0
+    busy1, ours1 = cpu_seconds(pids)
+    return result, wall, max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
 
 
 def drive(ports: dict, task: str, texts: list[str], n: int, concurrency: int) -> list[tuple[str, float, str]]:
@@ -113,13 +147,10 @@ def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, over
             first = drive(ports, task, texts, min(len(texts), 200), 4)  # each text's label before the soak
             expected = {t: r[2] for t, r in zip(texts, first) if r[0] == "ok"}
             rss_before, load1 = rss_mb(pid), os.getloadavg()[0]
-            t0 = time.perf_counter()
-            soak = drive(ports, task, texts, n, concurrency)
-            soak_s = time.perf_counter() - t0
+            mine = [proc.pid, os.getpid()]
+            soak, soak_s, other1 = timed_phase(mine, lambda: drive(ports, task, texts, n, concurrency))
             rss_after, load2 = rss_mb(pid), os.getloadavg()[0]
-            t0 = time.perf_counter()
-            over = drive(ports, task, texts, overload_n, overload_concurrency)
-            over_s = time.perf_counter() - t0
+            over, over_s, other2 = timed_phase(mine, lambda: drive(ports, task, texts, overload_n, overload_concurrency))
             status = json.loads(status_file.read_text())
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -129,8 +160,10 @@ def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, over
     bound_ms = STAGES * cfg.queue_timeout_us / 1e3
     return {"task": task, "run": str(run_dir), "texts": source, "serve_config": cfg.to_dict(),
             "soak": summarize(soak, soak_s, concurrency) | {"label_mismatches": mismatched, "load_avg_before": load1,
+                                                           "other_processes_cores": round(other1, 2),
                                                            "rss_mb_before": round(rss_before), "rss_mb_after": round(rss_after)},
-            "overload": summarize(over, over_s, overload_concurrency) | {"load_avg_before": load2, "rejection_bound_ms": bound_ms},
+            "overload": summarize(over, over_s, overload_concurrency) | {"load_avg_before": load2, "rejection_bound_ms": bound_ms,
+                                                                         "other_processes_cores": round(other2, 2)},
             "restarts": status["restarts"], "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                         "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d")}
@@ -158,19 +191,21 @@ def to_markdown(r: dict) -> str:
              f"{r['serve_config']['queue_timeout_us'] / 1e6:g} s per model) on 127.0.0.1; one held-out text per request, "
              f"HTTP and gRPC alternating; {r['machine']['cpus']} CPUs ({r['machine']['platform']}). "
              f"Command: `python -m benchmarks.soak --run {r['run']}`.", "",
-             "| phase | concurrency | requests | answered | rejected (busy) | failed | req/s | p50 ms | p99 ms | max ms | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| phase | concurrency | requests | answered | rejected (busy) | failed | req/s | p50 ms | p99 ms | max ms | "
+             "other processes (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for phase in ("soak", "overload"):
         p = r[phase]
         lines.append(f"| {phase} | {p['concurrency']} | {p['requests']} | {p['ok']['count']} | {p['busy']['count']} | "
                      f"{p['failed']['count']} | {p['throughput_rps']} | {p['ok'].get('p50_ms', '-')} | "
-                     f"{p['ok'].get('p99_ms', '-')} | {p['ok'].get('max_ms', '-')} | {p['load_avg_before']:.2f} |")
+                     f"{p['ok'].get('p99_ms', '-')} | {p['ok'].get('max_ms', '-')} | {p['other_processes_cores']:.2f} |")
     o, s = r["overload"], r["soak"]
     lines += ["", f"- Soak: {s['label_mismatches']} labels differ from the same text's answer before the soak; "
               f"tritonserver + stubs resident memory {s['rss_mb_before']} MiB before, {s['rss_mb_after']} MiB after.",
               f"- Overload: rejections (busy) p50 {o['busy'].get('p50_ms', '-')} ms, max {o['busy'].get('max_ms', '-')} ms; "
               f"bound {o['rejection_bound_ms']:g} ms (the queue timeout in each of 4 models).",
-              f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}."]
+              f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}.",
+              f"- Other processes used {o['other_processes_cores']:.2f} / {s['other_processes_cores']:.2f} cores on average "
+              f"X
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions with the options this project has decided on (DESIGN.md section 6).
+"""ONNX Runtime sessions with the options this project has decided on (docs/DESIGN.md section 6).
 
 At ORT_ENABLE_EXTENDED and above, ORT fuses DequantizeLinear -> MatMul into MatMulNBits. With
 accuracy level 4 that kernel quantizes activations to int8 (about 0.6% relative error); level 1

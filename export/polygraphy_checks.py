@@ -1,4 +1,4 @@
-"""Polygraphy as the parity and lint tool (DESIGN.md section 5, "Checks").
+"""Polygraphy as the parity and lint tool (docs/DESIGN.md section 5, "Checks").
 
 Reference data is written in Polygraphy's own formats, so the real CLI reads it back:
 inputs as the JSON `List[Dict[str, ndarray]]` that `--load-inputs` accepts (`polygraphy.json.save_json`),

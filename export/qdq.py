@@ -1,7 +1,7 @@
 """Export-time replacements for the quantized backbone modules, one per weight format.
 
 TensorRT accepts only symmetric int8 Q/DQ (zero point 0). The trained asymmetric codes are
-re-expressed exactly (DESIGN.md section 5): with q' = q - 128 (int8),
+re-expressed exactly (docs/DESIGN.md section 5): with q' = q - 128 (int8),
 
     s * (q - z) = s * q' + s * (128 - z)   =>   x @ W^T = x @ DQ(q', s)^T + sum(x) * s * (128 - z)
 

@@ -1,4 +1,4 @@
-"""TensorRT engine build for the exported graphs, TensorRT 10.x and 11.x (DESIGN.md section 5).
+"""TensorRT engine build for the exported graphs, TensorRT 10.x and 11.x (docs/DESIGN.md section 5).
 
 The plain functions (optimization profiles, engine file names, the per-version flag plan) need no
 TensorRT and are what the tests here cover. `build_engine` imports tensorrt lazily. It was written

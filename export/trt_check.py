@@ -1,4 +1,4 @@
-"""Static TensorRT-compatibility check for exported ONNX graphs (DESIGN.md section 5, "Checks").
+"""Static TensorRT-compatibility check for exported ONNX graphs (docs/DESIGN.md section 5, "Checks").
 
 Needs no TensorRT. It reports what TensorRT's ONNX parser would reject or silently mis-read:
 ops outside the parser's support matrix or outside the default ONNX domain, a default-domain
@@ -7,7 +7,7 @@ opset outside the parsed range, and Q/DQ nodes that are not symmetric signed qua
 ONNX's implicit axis=1, and Q/DQ scales that are not build-time constants (warning level).
 
 Op list source: onnx-tensorrt `docs/operators.md` for TensorRT 10.15 ("supports operators in the
-inclusive range of opset 9 to opset 24"); DESIGN.md records opsets 9-25 for TensorRT 11, hence the
+inclusive range of opset 9 to opset 24"); docs/DESIGN.md records opsets 9-25 for TensorRT 11, hence the
 default range. An op that parses may still hit a listed restriction (e.g. TopK K < 3840); the
 parser itself is the final word on a GPU host.
 """

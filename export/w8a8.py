@@ -1,4 +1,4 @@
-"""W8A8: int8 weights AND activations, so TensorRT can run int8 GEMMs (DESIGN.md section 5).
+"""W8A8: int8 weights AND activations, so TensorRT can run int8 GEMMs (docs/DESIGN.md section 5).
 
 TensorRT folds an int8 weight DQ with float activations back to float; int8 tensor cores need
 Q/DQ on activations too. The calibration is ONNX Runtime's maintained static QDQ quantizer

@@ -1,6 +1,6 @@
 """Generate `model_repository/` from one or more export directories.
 
-Layout (DESIGN.md section 6): `tokenizer/`, `backbone/`, `adapter_<task>/`, `postprocess_<task>/`
+Layout (docs/DESIGN.md section 6): `tokenizer/`, `backbone/`, `adapter_<task>/`, `postprocess_<task>/`
 and the ensemble `<task>/`. Many tasks share one `backbone` when every run's backbone graph (and
 its external data) has the same sha256 in its manifest, and one `tokenizer` when the tokenizer
 files, max_length and text-pair flag agree; otherwise each task gets `backbone_<task>` /

@@ -92,7 +92,7 @@ def backend_directory(install: TritonInstall, cache: Path = CACHE_DIR) -> Path:
 
 
 def check_numpy() -> None:
-    """Triton 2.51's stub corrupts TYPE_STRING inputs with numpy 2.x (DESIGN.md section 6)."""
+    """Triton 2.51's stub corrupts TYPE_STRING inputs with numpy 2.x (docs/DESIGN.md section 6)."""
     version = importlib.metadata.version("numpy")
     if int(version.split(".")[0]) >= 2:
         raise ServerError(f"numpy {version} is installed in {sys.prefix}: the Triton 2.51 python-backend stub crashes on "

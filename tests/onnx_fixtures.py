@@ -1,7 +1,7 @@
 """Tiny hand-built ONNX graphs for the export-stage tests (onnx.helper only, no exporter).
 
 Each builder returns a ModelProto; `save(model, dir, name)` writes it. The good graphs follow
-DESIGN.md section 5 (int8 symmetric weights, DQ with an explicit axis); each bad graph breaks one rule.
+docs/DESIGN.md section 5 (int8 symmetric weights, DQ with an explicit axis); each bad graph breaks one rule.
 """
 from __future__ import annotations
 

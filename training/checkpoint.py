@@ -1,6 +1,6 @@
 """Checkpoint I/O: safetensors + JSON only, a sha256 manifest, written atomically, verified on load.
 
-Layout (DESIGN.md section 2): config.json, backbone_config.json, tokenizer/, backbone_q.safetensors
+Layout (docs/DESIGN.md section 2): config.json, backbone_config.json, tokenizer/, backbone_q.safetensors
 (int8 codes, scales, zero points, norms), side.safetensors (adapter + noise parameters),
 metrics.json, manifest.json.
 """

@@ -1,4 +1,4 @@
-"""GNP-IQ backbone weights: n-bit asymmetric per-row codes held as buffers of plain modules (DESIGN.md s. 4).
+"""GNP-IQ backbone weights: n-bit asymmetric per-row codes held as buffers of plain modules (docs/DESIGN.md section 4).
 
 Per row: `s = (max - min) / (2^n - 1)`, `z = clamp(round(-min / s), 0, 2^n - 1)`,
 `q = clamp(round(w / s) + z, 0, 2^n - 1)`, dequantized `s * (q - z)`. Two guards keep the literal

@@ -1,4 +1,4 @@
-"""GNP-IQ events: iterative noisy re-quantization of random backbone rows (DESIGN.md s. 4).
+"""GNP-IQ events: iterative noisy re-quantization of random backbone rows (docs/DESIGN.md section 4).
 
 At each event, for every quantized tensor t a random share p of its rows is picked and each picked
 row is re-quantized from its current value plus Gaussian noise in units of its scale:

@@ -205,7 +205,7 @@ def to_markdown(r: dict) -> str:
               f"bound {o['rejection_bound_ms']:g} ms (the queue timeout in each of 4 models).",
               f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}.",
               f"- Other processes used {o['other_processes_cores']:.2f} / {s['other_processes_cores']:.2f} cores on average "
-              f"X
+              f"during the overload / soak (of {r['machine']['cpus']}); above about 0.1 the timings are contended."]
     return "\n".join(lines) + "\n"
 
 

@@ -151,7 +151,7 @@ def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, over
             soak, soak_s, other1 = timed_phase(mine, lambda: drive(ports, task, texts, n, concurrency))
             rss_after, load2 = rss_mb(pid), os.getloadavg()[0]
             over, over_s, other2 = timed_phase(mine, lambda: drive(ports, task, texts, overload_n, overload_concurrency))
-            status = json.loads(status_file.read_text())
+            rss_end, status = rss_mb(pid), json.loads(status_file.read_text())
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
@@ -163,6 +163,7 @@ def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, over
                                                            "other_processes_cores": round(other1, 2),
                                                            "rss_mb_before": round(rss_before), "rss_mb_after": round(rss_after)},
             "overload": summarize(over, over_s, overload_concurrency) | {"load_avg_before": load2, "rejection_bound_ms": bound_ms,
+                                                                         "rss_mb_after": round(rss_end),
                                                                          "other_processes_cores": round(other2, 2)},
             "restarts": status["restarts"], "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                         "python": platform.python_version()},
@@ -190,7 +191,7 @@ def to_markdown(r: dict) -> str:
              f"`python -m serving` (supervised, guarded HTTP; queue: {r['serve_config']['max_queue_size']} requests, "
              f"{r['serve_config']['queue_timeout_us'] / 1e6:g} s per model) on 127.0.0.1; one held-out text per request, "
              f"HTTP and gRPC alternating; {r['machine']['cpus']} CPUs ({r['machine']['platform']}). "
-             f"Command: `python -m benchmarks.soak --run {r['run']}`.", "",
+             f"Command: `{r.get('command', 'python -m benchmarks.soak --run ' + r['run'])}`.", "",
              "| phase | concurrency | requests | answered | rejected (busy) | failed | req/s | p50 ms | p99 ms | max ms | "
              "other processes (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for phase in ("soak", "overload"):
@@ -200,7 +201,8 @@ def to_markdown(r: dict) -> str:
                      f"{p['ok'].get('p99_ms', '-')} | {p['ok'].get('max_ms', '-')} | {p['other_processes_cores']:.2f} |")
     o, s = r["overload"], r["soak"]
     lines += ["", f"- Soak: {s['label_mismatches']} labels differ from the same text's answer before the soak; "
-              f"tritonserver + stubs resident memory {s['rss_mb_before']} MiB before, {s['rss_mb_after']} MiB after.",
+              f"tritonserver + stubs resident memory {s['rss_mb_before']} MiB before, {s['rss_mb_after']} MiB after, "
+              f"{o['rss_mb_after']} MiB after the overload.",
               f"- Overload: rejections (busy) p50 {o['busy'].get('p50_ms', '-')} ms, max {o['busy'].get('max_ms', '-')} ms; "
               f"bound {o['rejection_bound_ms']:g} ms (the queue timeout in each of 4 models).",
               f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}.",
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", help="examples file (default: the run's held-out split)")
     p.add_argument("--serve-args", default="", help="extra `python -m serving` arguments, e.g. '--ort-threads 2'")
     p.add_argument("--out-dir", default=str(PROJECT_ROOT / "docs"))
+    p.add_argument("--name", default="serving_soak", help="report file names: <out-dir>/<name>.json and .md")
     args = p.parse_args(argv)
     for name in ("requests", "overload_requests"):
         if not 1 <= getattr(args, name) <= 100_000:
@@ -228,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                  args.serve_args.split(), args.texts)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving_soak.json").write_text(json.dumps(result, indent=2))
-    (out / "serving_soak.md").write_text(to_markdown(result))
+    result["command"] = "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(to_markdown(result))
     print(to_markdown(result))
     return 1 if verdict(result) else 0
 

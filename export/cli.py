@@ -6,7 +6,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from training.artifacts import ArtifactError
+from contracts.artifacts import ArtifactError
 
 from contracts.parity_report import ParityGate
 

@@ -18,11 +18,24 @@ TRITON_DTYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_
                  "float16": "TYPE_FP16", "bytes": "TYPE_STRING"}
 
 
+AXES = ("batch", "sequence")  # the named dynamic axes; every other dimension is static
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name, or "bytes" for Triton strings
     shape: tuple[int, ...]  # batch first; -1 = dynamic
+    axes: tuple[str | None, ...] = ()  # per dim: "batch", "sequence" or None (static); as Optimum names them
+
+    def __post_init__(self):
+        if not self.axes:  # specs written before axes were named: batch first, every other -1 a sequence
+            object.__setattr__(self, "axes", tuple(("batch" if i == 0 else "sequence") if d == -1 else None
+                                                   for i, d in enumerate(self.shape)))
+        if len(self.axes) != len(self.shape) or any((a is None) != (d != -1) for a, d in zip(self.axes, self.shape)):
+            raise ValueError(f"{self.name}: axes {self.axes} must name exactly the -1 dims of {self.shape}")
+        if any(a is not None and a not in AXES for a in self.axes):
+            raise ValueError(f"{self.name}: axis names must be in {AXES}, got {self.axes}")
 
     @property
     def triton_dtype(self) -> str:
@@ -62,6 +75,8 @@ class IOSpec:
     vocab_size: int | None = None
     type_vocab_size: int | None = None
     max_positions: int | None = None
+    task_type: str = "classification"  # regression: one output, served as a score
+    profile: dict = field(default_factory=dict)  # {"batch": [min, opt, max], "sequence": [...]}: TensorRT's bounds
 
     @property
     def tokenizer_outputs(self) -> tuple[str, ...]:
@@ -69,13 +84,16 @@ class IOSpec:
         return tuple(t.name for t in self.backbone.inputs)
 
 
+B, T = "batch", "sequence"
+
+
 def backbone_io(hidden_size: int, num_taps: int, has_token_type_ids: bool) -> ModelIO:
     ids = ["input_ids", "attention_mask"] + (["token_type_ids"] if has_token_type_ids else [])
     return ModelIO(
-        inputs=tuple(TensorSpec(n, "int64", (-1, -1)) for n in ids),
+        inputs=tuple(TensorSpec(n, "int64", (-1, -1), (B, T)) for n in ids),
         outputs=(
-            TensorSpec("hidden_states", "float32", (-1, num_taps, -1, hidden_size)),  # (B, K, T, D)
-            TensorSpec("cls_states", "float32", (-1, num_taps - 1, hidden_size)),  # (B, K-1, D)
+            TensorSpec("hidden_states", "float32", (-1, num_taps, -1, hidden_size), (B, None, T, None)),  # (B, K, T, D)
+            TensorSpec("cls_states", "float32", (-1, num_taps - 1, hidden_size), (B, None, None)),  # (B, K-1, D)
         ),
     )
 
@@ -83,22 +101,24 @@ def backbone_io(hidden_size: int, num_taps: int, has_token_type_ids: bool) -> Mo
 def adapter_io(hidden_size: int, num_taps: int, num_labels: int) -> ModelIO:
     return ModelIO(
         inputs=(
-            TensorSpec("hidden_states", "float32", (-1, num_taps, -1, hidden_size)),
-            TensorSpec("cls_states", "float32", (-1, num_taps - 1, hidden_size)),
-            TensorSpec("attention_mask", "int64", (-1, -1)),
+            TensorSpec("hidden_states", "float32", (-1, num_taps, -1, hidden_size), (B, None, T, None)),
+            TensorSpec("cls_states", "float32", (-1, num_taps - 1, hidden_size), (B, None, None)),
+            TensorSpec("attention_mask", "int64", (-1, -1), (B, T)),
         ),
-        outputs=(TensorSpec("logits", "float32", (-1, num_labels)),),
+        outputs=(TensorSpec("logits", "float32", (-1, num_labels), (B, None)),),  # (B, C); C = 1 for regression
     )
 
 
 def build_io_spec(task: str, labels, text_pair: bool, max_length: int, hidden_size: int,
                   num_taps: int, has_token_type_ids: bool, precision: str, *, vocab_size: int | None = None,
-                  type_vocab_size: int | None = None, max_positions: int | None = None) -> IOSpec:
+                  type_vocab_size: int | None = None, max_positions: int | None = None,
+                  task_type: str = "classification", profile: dict | None = None) -> IOSpec:
     return IOSpec(task=task, labels=tuple(labels), text_pair=text_pair, max_length=max_length,
                   hidden_size=hidden_size, num_taps=num_taps, has_token_type_ids=has_token_type_ids,
                   precision=precision, backbone=backbone_io(hidden_size, num_taps, has_token_type_ids),
                   adapter=adapter_io(hidden_size, num_taps, len(labels)), vocab_size=vocab_size,
-                  type_vocab_size=type_vocab_size, max_positions=max_positions)
+                  type_vocab_size=type_vocab_size, max_positions=max_positions, task_type=task_type,
+                  profile=dict(profile or {}))
 
 
 def save_io_spec(spec: IOSpec, directory: str | Path) -> Path:
@@ -109,7 +129,7 @@ def save_io_spec(spec: IOSpec, directory: str | Path) -> Path:
 
 def _model_io(d: dict) -> ModelIO:
     def tensors(items):
-        return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+        return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), tuple(t.get("axes") or ())) for t in items)
     return ModelIO(inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]))
 
 

@@ -47,9 +47,9 @@ class AdapterGraph(nn.Module):
 
 
 def dynamic_shapes(io: ModelIO) -> dict:
-    """Batch for every leading -1, sequence for every other -1 (one Dim object each, shared)."""
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=8192)
-    return {t.name: {i: (batch if i == 0 else seq) for i, d in enumerate(t.shape) if d == -1} for t in io.inputs}
+    """One torch.export Dim per named axis of the I/O spec, shared by every input that has it."""
+    dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "sequence": torch.export.Dim("sequence", min=2, max=8192)}
+    return {t.name: {i: dims[a] for i, a in enumerate(t.axes) if a is not None} for t in io.inputs}
 
 
 def example_inputs(io: ModelIO, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

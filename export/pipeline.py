@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from contracts.parity_report import PARITY_FILE, ExportReport
-from training.artifacts import atomic_directory
+from contracts.artifacts import atomic_directory
 from training.checkpoint import CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples
 from training.data import make_loader
+from training.backbone import usable_positions
 from training.moe import routing_margin
 
 from . import polygraphy_checks, tensorrt_build
@@ -66,10 +67,20 @@ class ExportConfig:
         GATES[self.precision].with_overrides(self.accept)  # unknown limit names are an error now, not after export
 
 
-def io_spec_for(meta: dict, precision: str) -> IOSpec:
-    b = meta["backbone"]
+def io_spec_for(meta: dict, precision: str, encoder=None, cfg: "ExportConfig | None" = None) -> IOSpec:
+    """The I/O spec of a checkpoint: names, named axes, input bounds (from the encoder) and the TensorRT
+    optimization profile (from the export config), the one source every later stage reads."""
+    b, bounds = meta["backbone"], {}
+    if encoder is not None:
+        c = encoder.config
+        bounds = {"vocab_size": c.vocab_size,
+                  "type_vocab_size": getattr(c, "type_vocab_size", None) if b["has_token_type_ids"] else None,
+                  "max_positions": usable_positions(encoder)}
+    profile = {"batch": [cfg.min_batch, cfg.opt_batch, cfg.max_batch],
+               "sequence": [cfg.min_seq, cfg.opt_seq, cfg.max_seq]} if cfg is not None else None
     return build_io_spec(meta["task"], meta["labels"], meta["text_pair"], meta["max_length"], b["hidden_size"],
-                         len(b["tap_layers"]) + 1, b["has_token_type_ids"], precision)
+                         len(b["tap_layers"]) + 1, b["has_token_type_ids"], precision, **bounds,
+                         task_type=meta.get("task_type", "classification"), profile=profile)
 
 
 def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16, pad_to_max_length=False):
@@ -160,7 +171,11 @@ def fp32_size(model, spec: IOSpec, opset: int) -> int:
 
 @contextlib.contextmanager
 def staged_engines(run_dir: Path):
-    """A temporary engines directory, published as run_dir/engines only when the block succeeds (the gate passed)."""
+    """A temporary engines directory, published as run_dir/engines only when the block succeeds (the gate passed).
+
+    Engines of an earlier export do not match the graphs just published: when this export builds none
+    (no TensorRT here), an existing run_dir/engines is moved aside to engines.stale-<time>, not deleted,
+    so that serving never picks them up."""
     final = run_dir / "engines"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-engines-", dir=run_dir))
     try:
@@ -173,6 +188,8 @@ def staged_engines(run_dir: Path):
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+        elif any(final.glob("*.plan")):
+            os.replace(final, run_dir / f"engines.stale-{time.strftime('%Y%m%d-%H%M%S')}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,8 +203,7 @@ def build_engines(engines: Path, onnx_dir: Path, spec: IOSpec, cfg: ExportConfig
                 "note": "tensorrt is not installed here: no engines built (install the `gpu` extra on a GPU machine)"}
     built = []
     for name, io in (("backbone", spec.backbone), ("adapter", spec.adapter)):
-        profiles = tensorrt_build.optimization_profiles(tensorrt_build.input_specs_from_io(io), cfg.min_batch,
-                                                        cfg.opt_batch, cfg.max_batch, cfg.min_seq, cfg.opt_seq, cfg.max_seq)
+        profiles = tensorrt_build.optimization_profiles(io, spec.profile)
         built.append(str(tensorrt_build.build_engine(onnx_dir / f"{name}.onnx", engines, profiles, cfg.precision,
                                                      engines / "timing.cache")))
     return {"available": True, "built": built}
@@ -201,7 +217,7 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> ExportReport:
     model, run_cfg, meta, tokenizer = load_checkpoint(ckpt)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    spec = io_spec_for(meta, cfg.precision)
+    spec = io_spec_for(meta, cfg.precision, model.tap.encoder, cfg)
     rows = read_examples(ckpt, HELDOUT_FILE)[: cfg.parity_rows]
     gate = GATES[cfg.precision].with_overrides(cfg.accept)
     report = ExportReport(precision=cfg.precision, task=meta["task"], config=asdict(cfg), accepted_overrides=dict(cfg.accept))

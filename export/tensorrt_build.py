@@ -52,35 +52,30 @@ def _check_range(what: str, lo: int, mid: int, hi: int) -> None:
         raise ValueError(f"{what}: need 1 <= min <= opt <= max, got {lo}, {mid}, {hi}")
 
 
-def optimization_profiles(input_specs: dict[str, tuple[int, ...]], min_batch: int, opt_batch: int,
-                          max_batch: int, min_seq: int, opt_seq: int, max_seq: int) -> list[ProfileShape]:
-    """One ProfileShape per input. Dim 0 is the batch; any other -1 dim is the sequence.
-
-    The sequence is not always dim 1: the adapter's hidden_states are (B, K, T, D) (export/io_spec.py).
-    """
-    _check_range("batch", min_batch, opt_batch, max_batch)
-    _check_range("sequence", min_seq, opt_seq, max_seq)
+def optimization_profiles(model_io, profile: dict) -> list[ProfileShape]:
+    """One ProfileShape per input of an io_spec.ModelIO: each named axis ("batch", "sequence") takes its
+    [min, opt, max] from `profile` (IOSpec.profile); static dims are fixed. The axis names come from the
+    I/O spec, so the sequence need not be dim 1 (the adapter's hidden_states are (B, K, T, D))."""
+    for axis, bounds in profile.items():
+        _check_range(axis, *bounds)
     profiles = []
-    for name, shape in input_specs.items():
-        if not shape:
-            raise ValueError(f"{name}: scalar inputs have no batch dimension")
+    for t in model_io.inputs:
+        if not t.shape:
+            raise ValueError(f"{t.name}: scalar inputs have no batch dimension")
         lo, mid, hi = [], [], []
-        for i, dim in enumerate(shape):
-            if dim == -1:
-                r = (min_batch, opt_batch, max_batch) if i == 0 else (min_seq, opt_seq, max_seq)
+        for i, (dim, axis) in enumerate(zip(t.shape, t.axes)):
+            if axis is not None:
+                if axis not in profile:
+                    raise ValueError(f"{t.name}: dim {i} is the {axis!r} axis, which the profile does not bound")
+                r = tuple(profile[axis])
             elif dim >= 1:
                 r = (dim, dim, dim)
             else:
-                raise ValueError(f"{name}: dim {i} is {dim}; use -1 for dynamic or a positive size")
+                raise ValueError(f"{t.name}: dim {i} is {dim}; use -1 for dynamic or a positive size")
             for acc, v in zip((lo, mid, hi), r):
                 acc.append(v)
-        profiles.append(ProfileShape(name, tuple(lo), tuple(mid), tuple(hi)))
+        profiles.append(ProfileShape(t.name, tuple(lo), tuple(mid), tuple(hi)))
     return profiles
-
-
-def input_specs_from_io(model_io) -> dict[str, tuple[int, ...]]:
-    """The `input_specs` argument of optimization_profiles from an io_spec.ModelIO (one source of truth)."""
-    return {t.name: tuple(t.shape) for t in model_io.inputs}
 
 
 def engine_filename(stem: str, compute_capability: tuple[int, int], trt_version: str) -> str:

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.artifacts import ArtifactError
+from contracts.artifacts import ArtifactError
 
 from .baseline import BASELINE_FILE, RegressError, load_baseline, write_baseline
 from .measure import Options, measure

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from contracts.machine import environment
-from training.artifacts import ArtifactError
+from contracts.artifacts import ArtifactError
 
 def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from export.io_spec import IOSpec, ModelIO, load_io_spec
 from serving.contract import check_task_name
-from training.artifacts import ArtifactError, verify_manifest
+from contracts.artifacts import ArtifactError, verify_manifest
 
 GRAPHS = ("backbone", "adapter")
 TOKENIZER_DIR = "tokenizer"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.contract import PROBABILITIES, TEXT, TEXT_PAIR
+from serving.contract import PROBABILITIES, SCORE, TEXT, TEXT_PAIR
 
 CANARY_TEXT = "A short canary sentence to check that the model answers."
 OVERLOAD_MARKERS = ("Exceeds maximum queue size", "Request timeout expired")  # Triton's queue-policy rejections
@@ -63,12 +63,12 @@ class Canary:
     def _infer(self, task: str, pair: bool) -> np.ndarray:
         inputs = [{"name": n, "shape": [1, 1], "datatype": "BYTES", "data": [CANARY_TEXT]}
                   for n in ((TEXT, TEXT_PAIR) if pair else (TEXT,))]
-        body = json.dumps({"inputs": inputs, "outputs": [{"name": PROBABILITIES}]}).encode()
+        body = json.dumps({"inputs": inputs}).encode()  # every output: probabilities, or a regression's score
         request = urllib.request.Request(f"http://{self.url}/v2/models/{task}/infer", body,
                                          {"Content-Type": "application/json"})
         with DIRECT.open(request, timeout=self.timeout_s) as r:
             outputs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
-        return np.asarray(outputs[PROBABILITIES]["data"], np.float64)
+        return np.asarray(outputs[PROBABILITIES if PROBABILITIES in outputs else SCORE]["data"], np.float64)
 
     def _check_task(self, task: str, pair: bool) -> tuple[str, str]:
         try:

@@ -26,7 +26,7 @@ from serving.guard import GuardLimits
 from serving.repository import DEFAULT_REPOSITORY, check_replaceable, generate_repository
 from serving.server import CACHE_DIR, ServerOptions, TritonServer
 from serving.supervisor import RepositoryLock, Supervisor, SupervisorConfig, serving_processes
-from training.artifacts import ArtifactError
+from contracts.artifacts import ArtifactError
 
 log = logging.getLogger("serving")
 

@@ -19,7 +19,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from serving.canary import OVERLOAD_MARKERS
-from serving.contract import LABEL, PROBABILITIES, TEXT, TEXT_PAIR, postprocess_model, task_of_postprocess
+from serving.contract import LABEL, PROBABILITIES, SCORE, TEXT, TEXT_PAIR, postprocess_model, task_of_postprocess
 from serving.guard import UNAVAILABLE
 from serving.postprocess import Prediction
 
@@ -31,6 +31,7 @@ class TaskInfo:
     labels: tuple[str, ...]
     max_batch_size: int
     text_pair: bool
+    task_type: str = "classification"
 
 
 class ServingError(RuntimeError):
@@ -119,9 +120,11 @@ class Client:
                 ensemble, post = self._get_config(task), self._get_config(postprocess_model(task))
             except InferenceServerException:
                 raise UnknownTaskError(task, self.tasks()) from None
-            self._tasks[task] = TaskInfo(tuple(json.loads(post["parameters"]["labels"]["string_value"])),
+            params = post["parameters"]
+            self._tasks[task] = TaskInfo(tuple(json.loads(params["labels"]["string_value"])),
                                          int(ensemble.get("max_batch_size", 0)),
-                                         any(t["name"] == TEXT_PAIR for t in ensemble.get("input", [])))
+                                         any(t["name"] == TEXT_PAIR for t in ensemble.get("input", [])),
+                                         params.get("task_type", {}).get("string_value", "classification"))
         return self._tasks[task]
 
     def _inputs(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list:
@@ -133,13 +136,16 @@ class Client:
         return [tensor(TEXT, texts)] + ([tensor(TEXT_PAIR, pairs)] if pairs is not None else [])
 
     def _infer(self, task: str, info: TaskInfo, texts: Sequence[str], pairs: Sequence[str] | None) -> list[Prediction]:
-        outputs = [self._module.InferRequestedOutput(n) for n in (LABEL, PROBABILITIES)]
+        regression = info.task_type == "regression"
+        outputs = [self._module.InferRequestedOutput(n) for n in ((SCORE,) if regression else (LABEL, PROBABILITIES))]
         kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
         try:
             result = self._call(self._client.infer, task, self._inputs(texts, pairs), outputs=outputs, **kwargs)
         except InferenceServerException as exc:
             busy = any(m in str(exc.message()) for m in OVERLOAD_MARKERS)
             raise (ServerBusyError if busy else RequestError)(f"task {task!r}: {exc.message()}") from exc
+        if regression:
+            return [Prediction(f"{float(s[0]):.4g}", {}, float(s[0])) for s in result.as_numpy(SCORE)]  # (B, 1)
         labels, probs = result.as_numpy(LABEL), result.as_numpy(PROBABILITIES)  # (B, 1), (B, C)
         return [Prediction(bytes(lab[0]).decode("utf-8"), dict(zip(info.labels, map(float, p))))
                 for lab, p in zip(labels, probs)]
@@ -214,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if isinstance(e, ServerUnavailableError) else 4 if isinstance(e, UnknownTaskError) else 1
     for text, p in zip(texts, predictions):
         if args.json:
-            print(json.dumps({"text": text, "label": p.label, "probabilities": p.probabilities}))
+            print(json.dumps({"text": text, **({"score": p.score} if p.score is not None else
+                                               {"label": p.label, "probabilities": p.probabilities})}))
+        elif p.score is not None:
+            print(f"score={p.score:.4f}\t{text}")
         else:
             probs = " ".join(f"{k}={v:.4f}" for k, v in p.probabilities.items())
             print(f"{p.label}\t{probs}\t{text}")

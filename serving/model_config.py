@@ -132,7 +132,8 @@ def tensorrt_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int,
 
 
 def postprocess_config(name: str, spec: IOSpec, cfg: ServeConfig) -> mc.ModelConfig:
-    config = _python(_base(name, cfg, cfg.postprocess_instances), {"labels": json.dumps(list(spec.labels))})
+    config = _python(_base(name, cfg, cfg.postprocess_instances), {"labels": json.dumps(list(spec.labels)),
+                                                                   "task_type": spec.task_type})
     _add_io(config, (spec.adapter.outputs, prediction_outputs(spec)))
     _dynamic_batching(config, cfg, merge=False)
     _warmup(config, spec.adapter.outputs, cfg)

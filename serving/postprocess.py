@@ -1,4 +1,5 @@
-"""Logits -> label and probabilities, as the `postprocess_<task>` Triton model runs it."""
+"""Logits -> label and probabilities (classification) or the score (regression), as the
+`postprocess_<task>` Triton model runs it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from serving.errors import InputError
 
 @dataclass(frozen=True)
 class Prediction:
-    """One classified example: the arg-max label and every label's probability."""
+    """One example's answer: the arg-max label and every label's probability; or, for a regression
+    task, the score (label is then the score as text, probabilities empty)."""
 
     label: str
     probabilities: dict[str, float]
+    score: float | None = None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -45,3 +48,23 @@ class LabelDecoder:
         """The same decision as Python objects (in-process reference and tests)."""
         _, probs = self(logits)
         return [Prediction(self.labels[int(p.argmax())], dict(zip(self.labels, map(float, p)))) for p in probs]
+
+
+class ScoreDecoder:
+    """Regression: (B, 1) logits are the scores; checked, passed on as float32."""
+
+    def __call__(self, logits: np.ndarray) -> tuple[np.ndarray]:
+        if logits.ndim != 2 or logits.shape[1] != 1:
+            raise InputError(f"logits must have shape (batch, 1), got {tuple(logits.shape)}")
+        if not np.isfinite(logits).all():
+            raise InputError("logits contain NaN or infinity")
+        return (logits.astype(np.float32),)
+
+    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+        (scores,) = self(logits)
+        return [Prediction(f"{float(s[0]):.4g}", {}, float(s[0])) for s in scores]
+
+
+def decoder(labels, task_type: str = "classification"):
+    """The decoder of a task type."""
+    return ScoreDecoder() if task_type == "regression" else LabelDecoder(labels)

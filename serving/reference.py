@@ -7,7 +7,7 @@ import numpy as np
 
 from export.ort_session import EXACT_ACCURACY_LEVEL, make_session
 from serving.artifacts import TOKENIZER_DIR, load_run
-from serving.postprocess import LabelDecoder, Prediction
+from serving.postprocess import Prediction, decoder
 from serving.tokenize import TextTokenizer
 
 
@@ -20,7 +20,7 @@ class InProcessClassifier:
         self.tokenizer = TextTokenizer(self.run.export_dir / TOKENIZER_DIR, spec.max_length, spec.tokenizer_outputs)
         self.backbone = make_session(self.run.graph("backbone"), threads or None, accuracy_level)
         self.adapter = make_session(self.run.graph("adapter"), threads or None, accuracy_level)
-        self.decoder = LabelDecoder(spec.labels)
+        self.decoder = decoder(spec.labels, spec.task_type)
 
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         spec = self.run.spec

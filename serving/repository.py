@@ -36,7 +36,6 @@ KEEP = ("README.md",)
 SUMMARY_FILE = "repository.json"
 GENERATOR = "mp-ismoe serving.repository"  # repository.json's "generated_by": the ownership marker
 _COMPONENTS = ("tokenizer", "backbone", "adapter", "postprocess")
-PARITY_FILE = "parity.json"  # export/pipeline.py: its "config" holds the TensorRT optimization profile
 
 
 @dataclass(frozen=True)
@@ -131,15 +130,14 @@ def _write_warmup(model_dir: Path, files: dict[str, bytes]) -> None:
 
 
 def _check_profile(run: ExportedRun, cfg: ServeConfig) -> None:
-    """Engines accept batches and lengths up to the export's optimization profile (parity.json)."""
-    parity = run.export_dir / PARITY_FILE
-    profile = json.loads(parity.read_text()).get("config", {}) if parity.is_file() else {}
-    if profile.get("max_batch") and cfg.max_batch_size > profile["max_batch"]:
-        raise RepositoryError(f"max_batch_size {cfg.max_batch_size} exceeds the engines' profile max_batch "
-                              f"{profile['max_batch']} ({parity}); lower --max-batch-size or re-export with a larger one")
-    if profile.get("max_seq") and run.spec.max_length > profile["max_seq"]:
-        raise RepositoryError(f"{run.task}: max_length {run.spec.max_length} exceeds the engines' profile max_seq "
-                              f"{profile['max_seq']} ({parity}); re-export with --max-seq >= {run.spec.max_length}")
+    """Engines accept batches and lengths up to the export's optimization profile (io_spec.json's profile)."""
+    profile, where = run.spec.profile, run.export_dir / "io_spec.json"
+    if profile.get("batch") and cfg.max_batch_size > profile["batch"][2]:
+        raise RepositoryError(f"max_batch_size {cfg.max_batch_size} exceeds the engines' profile max batch "
+                              f"{profile['batch'][2]} ({where}); lower --max-batch-size or re-export with a larger one")
+    if profile.get("sequence") and run.spec.max_length > profile["sequence"][2]:
+        raise RepositoryError(f"{run.task}: max_length {run.spec.max_length} exceeds the engines' profile max sequence "
+                              f"{profile['sequence'][2]} ({where}); re-export with --max-seq >= {run.spec.max_length}")
 
 
 def _limits(runs: list[ExportedRun], graph: str) -> dict[str, int]:

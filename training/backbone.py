@@ -72,12 +72,17 @@ def check_max_length(encoder: nn.Module, max_length: int) -> None:
     """ConfigError unless max_length tokens fit the positions (RoBERTa/MPNet start them at padding_idx + 1).
 
     Relative-position encoders (T5) have no position table and no limit here."""
-    positions = getattr(encoder.config, "max_position_embeddings", None)
-    offset = getattr(embeddings_module(encoder), "padding_idx", None)
-    usable = positions - (offset + 1 if offset is not None else 0) if positions else None
+    usable = usable_positions(encoder)
     if usable is not None and max_length > usable:
         raise ConfigError(f"backbone.max_length: {max_length} exceeds the {usable} positions of this "
                           f"{encoder.config.model_type} encoder; set backbone.max_length <= {usable}")
+
+
+def usable_positions(encoder: nn.Module) -> int | None:
+    """Tokens the position table can hold (RoBERTa/MPNet start at padding_idx + 1); None for relative positions."""
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    offset = getattr(embeddings_module(encoder), "padding_idx", None)
+    return positions - (offset + 1 if offset is not None else 0) if positions else None
 
 
 def _load_encoder(cfg: BackboneConfig, vocab_size: int, seed: int = 0) -> nn.Module:

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from .artifacts import ArtifactError, atomic_directory, verify_manifest
+from contracts.artifacts import ArtifactError, atomic_directory, verify_manifest
 from .backbone import encoder_from_config
 from .config import config_from_dict
 from .model import BackboneInfo, SideTuned, build_side_model

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .artifacts import ArtifactError
+from contracts.artifacts import ArtifactError
 from .config import ConfigError, load_config
 
 EPILOG = """examples:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from serving.contract import task_name_from_file
+from contracts.task_names import task_name_from_file
 from training.config import DataConfig
 
 from .datasets import BUILTIN, DataError, load_builtin

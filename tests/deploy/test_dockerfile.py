@@ -70,7 +70,7 @@ def test_copies_what_the_models_import():
     copied = {c.value[0].rstrip("/") for c in cmds if c.cmd == "COPY"}
     project = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     used = imported_modules()
-    assert used & project == {"serving", "export", "deploy"}
+    assert used & project == {"contracts", "serving", "export", "deploy"}
     assert used & project <= copied
     assert used - project == set(IMPORT_NAMES.values())  # nothing else: no torch, no transformers in the image
 
@@ -93,7 +93,7 @@ def test_dockerignore_keeps_what_is_copied():
     assert lines[0] == "*"
     kept = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = {c.value[0].split("/")[0] for c in instructions() if c.cmd == "COPY"}
-    assert copied <= kept == {"serving", "export", "deploy"}
+    assert copied <= kept == {"contracts", "serving", "export", "deploy"}
     assert "deploy/rendered/" in lines
 
 

@@ -27,7 +27,7 @@ from export.parity import GATES, check_parity, to_examples
 from export.pipeline import PARITY_FILE, ExportConfig, io_spec_for, run_export, write_backbone
 from export.trt_check import check_tensorrt_compatible
 from tests.training.test_trainer import trained_tiny_run
-from training.artifacts import ArtifactError, verify_manifest
+from contracts.artifacts import ArtifactError, verify_manifest
 from training.checkpoint import (BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples,
                                  save_checkpoint)
 from training.data import make_loader

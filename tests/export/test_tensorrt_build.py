@@ -15,16 +15,20 @@ from export.io_spec import adapter_io, backbone_io
 from tests import onnx_fixtures as fx
 
 
+PROFILE = {"batch": [1, 8, 32], "sequence": [4, 128, 512]}
+
+
 def test_profiles_from_the_io_spec():
-    specs = tb.input_specs_from_io(backbone_io(hidden_size=8, num_taps=3, has_token_type_ids=True))
-    profiles = tb.optimization_profiles(specs, 1, 8, 32, 4, 128, 512)
+    profiles = tb.optimization_profiles(backbone_io(hidden_size=8, num_taps=3, has_token_type_ids=True), PROFILE)
     assert [p.name for p in profiles] == ["input_ids", "attention_mask", "token_type_ids"]
     assert profiles[0] == tb.ProfileShape("input_ids", (1, 4), (8, 128), (32, 512))
 
 
 def test_adapter_sequence_dim_is_not_second():
-    specs = tb.input_specs_from_io(adapter_io(hidden_size=8, num_taps=3, num_labels=2))
-    hidden, cls, mask = tb.optimization_profiles(specs, 1, 4, 16, 2, 64, 256)
+    """The axis names of the I/O spec say which dim is the sequence: dim 2 of hidden_states."""
+    io = adapter_io(hidden_size=8, num_taps=3, num_labels=2)
+    assert io.input("hidden_states").axes == ("batch", None, "sequence", None)
+    hidden, cls, mask = tb.optimization_profiles(io, {"batch": [1, 4, 16], "sequence": [2, 64, 256]})
     assert hidden == tb.ProfileShape("hidden_states", (1, 3, 2, 8), (4, 3, 64, 8), (16, 3, 256, 8))  # (B, K, T, D)
     assert cls == tb.ProfileShape("cls_states", (1, 2, 8), (4, 2, 8), (16, 2, 8))
     assert mask.max == (16, 256)
@@ -33,13 +37,24 @@ def test_adapter_sequence_dim_is_not_second():
 @pytest.mark.parametrize("batch,seq", [((2, 1, 4), (1, 2, 3)), ((1, 5, 4), (1, 2, 3)), ((1, 2, 3), (0, 2, 3)),
                                        ((1, 2, 3), (4, 3, 5))])
 def test_bad_ranges_raise(batch, seq):
+    io = backbone_io(hidden_size=8, num_taps=3, has_token_type_ids=False)
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        tb.optimization_profiles({"input_ids": (-1, -1)}, *batch, *seq)
+        tb.optimization_profiles(io, {"batch": list(batch), "sequence": list(seq)})
+
+
+def _io(shape, axes=()):
+    from export.io_spec import ModelIO, TensorSpec
+
+    return ModelIO(inputs=(TensorSpec("x", "float32", shape, axes),), outputs=())
 
 
 def test_bad_dims_raise():
     with pytest.raises(ValueError, match="dim 1 is 0"):
-        tb.optimization_profiles({"x": (-1, 0)}, 1, 1, 1, 1, 1, 1)
+        tb.optimization_profiles(_io((-1, 0)), {"batch": [1, 1, 1]})
+    with pytest.raises(ValueError, match="does not bound"):
+        tb.optimization_profiles(_io((-1, -1)), {"batch": [1, 1, 1]})
+    with pytest.raises(ValueError, match="must name exactly the -1 dims"):
+        _io((-1, 4), ("batch", "sequence"))
     with pytest.raises(ValueError, match="min <= opt <= max per dim"):
         tb.ProfileShape("x", (1, 8), (1, 4), (1, 16))
     with pytest.raises(ValueError, match="ranks differ"):
@@ -83,7 +98,7 @@ def test_builder_plan_rejects_unknown():
 
 def _build(tmp_path):
     onnx_path = fx.save(fx.int8_linear(), tmp_path, "backbone")
-    profiles = tb.optimization_profiles({"x": (-1, fx.K)}, 1, 2, 4, 1, 1, 1)
+    profiles = tb.optimization_profiles(_io((-1, fx.K)), {"batch": [1, 2, 4]})
     return tb.build_engine(onnx_path, tmp_path / "engines", profiles, "int8-weight", tmp_path / "timing.cache")
 
 

@@ -149,12 +149,12 @@ def _copy(run: Path, dst: Path) -> Path:
 
 def perturb_backbone_scales(run: Path, factor: float) -> int:
     """A bad re-export that looks legitimate: every DequantizeLinear scale of backbone.onnx times
-    `factor`, the external data rewritten and the manifest re-hashed (training.artifacts.write_manifest).
+    `factor`, the external data rewritten and the manifest re-hashed (contracts.artifacts.write_manifest).
 
     The toy task is decided mostly from the embedding tap, which these scales do not touch, so the
     tiny model shrugs off 1.5x (logits move by ~0.4, no label flips); 4x flips about half the labels.
     """
-    from training.artifacts import MANIFEST, write_manifest
+    from contracts.artifacts import MANIFEST, write_manifest
 
     onnx_dir = run / "onnx"
     n = scale_dequantize_scales(onnx_dir / "backbone.onnx", factor)
@@ -245,7 +245,7 @@ def test_a_corrupt_artifact_is_a_one_line_error(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{data} is corrupt" in err and "make export" in err
     # a garbled graph behind a manifest that was rewritten to match it: still one line naming the file
-    from training.artifacts import write_manifest
+    from contracts.artifacts import write_manifest
 
     graph = run / "onnx" / "adapter.onnx"
     graph.write_bytes(b"not a protobuf" * 50)

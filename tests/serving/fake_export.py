@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.io_spec import IOSpec, build_io_spec, save_io_spec
-from training.artifacts import write_manifest
+from contracts.artifacts import write_manifest
 
 OPSET = 19
 PROBE_TEXTS = [f"{a} {b} {c}" for a in ("the film", "a plot", "this story", "actors")

@@ -12,7 +12,7 @@ from serving.contract import check_task_name, task_name_from_file
 from serving.errors import InputError
 from serving.onnx_runner import InputLimits, OnnxRunner
 from serving.tokenize import TextTokenizer, decode_texts
-from training.artifacts import write_manifest
+from contracts.artifacts import write_manifest
 from training.backbone import load_encoder
 from training.config import BackboneConfig, ConfigError, DataConfig
 from training.data import load_splits

@@ -7,7 +7,7 @@ import pytest
 from serving.config import ServeConfig
 from serving.errors import RepositoryError
 from serving.repository import SUMMARY_FILE, generate_repository
-from training.artifacts import ArtifactError, write_manifest
+from contracts.artifacts import ArtifactError, write_manifest
 from tests.serving.fake_export import build_fake_export
 
 
@@ -166,9 +166,11 @@ def test_gpu_target_uses_engines_per_compute_capability(fake_runs, tmp_path):
 
 def test_gpu_target_checks_the_engine_profile(fake_runs, tmp_path):
     run = shutil.copytree(fake_runs["sentiment"], tmp_path / "run")
-    (run / "onnx" / "parity.json").write_text(json.dumps({"config": {"max_batch": 16, "max_seq": 128}}))
+    spec = json.loads((run / "onnx" / "io_spec.json").read_text())
+    spec["profile"] = {"batch": [1, 8, 16], "sequence": [2, 64, 128]}
+    (run / "onnx" / "io_spec.json").write_text(json.dumps(spec))
     write_manifest(run / "onnx", "onnx")
-    with pytest.raises(RepositoryError, match="max_batch_size 32 exceeds the engines' profile max_batch 16"):
+    with pytest.raises(RepositoryError, match="max_batch_size 32 exceeds the engines' profile max batch 16"):
         generate_repository([run], tmp_path / "r", ServeConfig(target="gpu"))
     generate_repository([run], tmp_path / "r", ServeConfig(target="gpu", max_batch_size=16))
     generate_repository([run], tmp_path / "r2", ServeConfig(target="cpu"))  # ONNX Runtime has no profile

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
-from training.artifacts import ArtifactError, atomic_directory, verify_manifest, write_manifest
+from contracts.artifacts import ArtifactError, atomic_directory, verify_manifest, write_manifest
 from training.backbone import load_tokenizer
 from training.checkpoint import (BACKBONE_FILE, HELDOUT_FILE, SIDE_FILE, load_checkpoint, read_checkpoint_config,
                                  read_examples, save_checkpoint)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_overrides
-from training.artifacts import verify_manifest
+from contracts.artifacts import verify_manifest
 from training.checkpoint import BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, SIDE_FILE, load_checkpoint, read_examples
 from training.config import load_config
 from training.data import make_loader

@@ -1,4 +1,4 @@
-"""Triton python model `postprocess_<task>`: logits -> label (TYPE_STRING) and probabilities."""
+"""Triton python model `postprocess_<task>`: logits -> label (TYPE_STRING) and probabilities, or the score."""
 import json
 import os
 import sys
@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only insid
 
 from serving import python_model as pm  # noqa: E402
 from serving.onnx_runner import check_tensor  # noqa: E402
-from serving.postprocess import LabelDecoder  # noqa: E402
+from serving.postprocess import decoder  # noqa: E402
 
 
 class TritonPythonModel:
@@ -22,7 +22,8 @@ class TritonPythonModel:
         self.name = config["name"]
         self.inputs = pm.tensor_specs(config, "input")
         self.outputs = tuple(t.name for t in pm.tensor_specs(config, "output"))
-        self.decoder = LabelDecoder(json.loads(pm.parameters(config)["labels"]))
+        params = pm.parameters(config)
+        self.decoder = decoder(json.loads(params["labels"]), params.get("task_type", "classification"))
 
     def _handle(self, inputs: dict) -> dict:
         (spec,) = self.inputs

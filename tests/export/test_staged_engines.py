@@ -26,10 +26,23 @@ def test_a_passed_gate_replaces_the_engines_and_keeps_the_timing_cache(tmp_path)
     assert sorted(p.name for p in run.iterdir()) == ["engines"]
 
 
-def test_no_tensorrt_leaves_the_engines_as_they_were(tmp_path):
+def test_an_export_without_tensorrt_moves_stale_engines_aside(tmp_path):
+    """Engines of an earlier export no longer match the graphs: serving must not find them, nothing is deleted."""
     run = tmp_path / "run"
     (run / "engines").mkdir(parents=True)
     (run / "engines" / "backbone.plan").write_bytes(b"old")
     with staged_engines(run):
         pass
+    assert not (run / "engines").exists()
+    (stale,) = run.glob("engines.stale-*")
+    assert (stale / "backbone.plan").read_bytes() == b"old"
+
+
+def test_a_failed_gate_keeps_the_engines_of_the_last_good_export(tmp_path):
+    run = tmp_path / "run"
+    (run / "engines").mkdir(parents=True)
+    (run / "engines" / "backbone.plan").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with staged_engines(run):
+            raise RuntimeError("gate failed")  # onnx/ stays the previous export's too
     assert (run / "engines" / "backbone.plan").read_bytes() == b"old"

@@ -17,10 +17,11 @@ export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup setup-mpnet train export serve test test-fast compare bench regress ablate clean clean-runs help
+
+.PHONY: setup setup-mpnet train export serve lint test test-fast compare bench regress ablate clean clean-runs help
 
 help:
-	@sed -n '1,5p' Makefile; echo; grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:/'
+	@sed -n '1,5p' Makefile; echo; grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/:/'
 
 setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.13.0 from local disk)
 
@@ -44,6 +45,9 @@ export: setup ## RUN/checkpoint -> RUN/onnx (+ RUN/engines where TensorRT exists
 
 serve: setup ## check ports, generate model_repository/ from RUNS, run tritonserver supervised on 127.0.0.1 (Ctrl-C stops)
 	exec $(BIN)/python -m serving --runs $(RUNS) --target $(TARGET) $(ARGS)
+
+lint: setup ## ruff: lint and format check (configured in pyproject.toml)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 test: setup ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q --timeout 900 $(ARGS)

@@ -23,6 +23,7 @@ threads to be scheduled, so every parallel region costs a scheduler time slice (
 microseconds). Before and after each table a small LayerNorm is timed at N threads and at 1 thread;
 when N threads are several times slower than 1, the table is flagged as contended.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,14 @@ def versions() -> dict:
     import onnxruntime
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnx": onnx.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def make_batch(rows: list[dict], tokenizer, batch: int, names: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -71,8 +78,14 @@ def make_batch(rows: list[dict], tokenizer, batch: int, names: list[str], seed: 
     picked = [rng.choice(rows) for _ in range(batch)]
     texts = [r["text"] for r in picked]
     pairs = [r.get("text_pair") for r in picked]
-    enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, padding="max_length",
-                    truncation=True, max_length=SEQ, return_tensors="pt")
+    enc = tokenizer(
+        texts,
+        pairs if any(p is not None for p in pairs) else None,
+        padding="max_length",
+        truncation=True,
+        max_length=SEQ,
+        return_tensors="pt",
+    )
     out = {k: enc[k] for k in names}
     assert out["input_ids"].shape == (batch, SEQ)
     return out
@@ -119,7 +132,9 @@ def torch_engines(model) -> dict:
         def run(batch):
             with torch.inference_mode():
                 return m(batch)[0].numpy()
+
         return run
+
     return {"torch int8": runner(model), "torch fp32": runner(fp32)}
 
 
@@ -137,8 +152,10 @@ def ort_engines(onnx_dir: Path, threads: int, levels=(1, 4)) -> dict:
         def run(batch, backbone=backbone, adapter=adapter, names=names):
             feeds = {k: batch[k].numpy() for k in names}
             hs, cls = backbone.run(None, feeds)
-            return adapter.run(None, {"hidden_states": hs, "cls_states": cls,
-                                      "attention_mask": feeds["attention_mask"]})[0]
+            return adapter.run(
+                None, {"hidden_states": hs, "cls_states": cls, "attention_mask": feeds["attention_mask"]}
+            )[0]
+
         engines[f"ort {precision} L{level}"] = run
     return engines
 
@@ -155,10 +172,17 @@ def backbone_sizes(run: Path, model, meta: dict) -> dict:
     source = "parity.json"
     if not fp32:
         with tempfile.TemporaryDirectory() as tmp:
-            fp32 = onnx_size_bytes(export_backbone(model, io_spec_for(meta, "fp32").backbone, Path(tmp) / "b.onnx", "fp32"))
+            fp32 = onnx_size_bytes(
+                export_backbone(model, io_spec_for(meta, "fp32").backbone, Path(tmp) / "b.onnx", "fp32")
+            )
         source = "exported here"
-    return {"backbone_onnx_bytes": size, "backbone_fp32_onnx_bytes": fp32, "ratio": size / fp32,
-            "fp32_size_source": source, "precision": parity.get("precision") or _manifest_precision(onnx_dir)}
+    return {
+        "backbone_onnx_bytes": size,
+        "backbone_fp32_onnx_bytes": fp32,
+        "ratio": size / fp32,
+        "fp32_size_source": source,
+        "precision": parity.get("precision") or _manifest_precision(onnx_dir),
+    }
 
 
 def _manifest_precision(onnx_dir: Path) -> str | None:
@@ -178,27 +202,46 @@ def contention_probe(threads: int) -> dict:
             for _ in range(50):
                 ln(x)
         return (time.perf_counter() - t0) / 50 * 1e3
+
     one, many = ms(1), ms(threads)
     torch.set_num_threads(threads)
-    return {"layernorm_ms_1_thread": one, "layernorm_ms_n_threads": many,
-            "contended": threads > 1 and many > 4 * one + 0.05}
+    return {
+        "layernorm_ms_1_thread": one,
+        "layernorm_ms_n_threads": many,
+        "contended": threads > 1 and many > 4 * one + 0.05,
+    }
 
 
-def measure(engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, rounds: int = 4,
-            log=print) -> list[dict]:
+def measure(
+    engines: dict, batches: dict, repeats: int, warmup: int, cell_seconds: float, rounds: int = 4, log=print
+) -> list[dict]:
     """Every engine on every batch, in rounds; ratios against the torch rows of the same batch size."""
     rows = []
     for bs, batch in batches.items():
         cell = {}
-        all_times, outputs = time_in_rounds({name: (lambda fn=fn: fn(batch)) for name, fn in engines.items()},
-                                            repeats, warmup, cell_seconds, rounds)
+        all_times, outputs = time_in_rounds(
+            {name: (lambda fn=fn, batch=batch: fn(batch)) for name, fn in engines.items()},
+            repeats,
+            warmup,
+            cell_seconds,
+            rounds,
+        )
         for name, times in all_times.items():
             diff = float(np.abs(outputs[name] - outputs["torch int8"]).max())
-            cell[name] = {"threads": torch.get_num_threads(), "engine": name, "batch": bs, "seq": SEQ,
-                          "median_ms": statistics.median(times), "p90_ms": p90(times), "repeats": len(times),
-                          "max_abs_logits_vs_torch_int8": diff}
-            log(f"[bench] batch {bs:>2} {name:<12} median {cell[name]['median_ms']:9.2f} ms  "
-                f"p90 {cell[name]['p90_ms']:9.2f} ms  ({len(times)} repeats)")
+            cell[name] = {
+                "threads": torch.get_num_threads(),
+                "engine": name,
+                "batch": bs,
+                "seq": SEQ,
+                "median_ms": statistics.median(times),
+                "p90_ms": p90(times),
+                "repeats": len(times),
+                "max_abs_logits_vs_torch_int8": diff,
+            }
+            log(
+                f"[bench] batch {bs:>2} {name:<12} median {cell[name]['median_ms']:9.2f} ms  "
+                f"p90 {cell[name]['p90_ms']:9.2f} ms  ({len(times)} repeats)"
+            )
         for r in cell.values():
             r["speedup_vs_torch_int8"] = cell["torch int8"]["median_ms"] / r["median_ms"]
             r["speedup_vs_torch_fp32"] = cell["torch fp32"]["median_ms"] / r["median_ms"]
@@ -223,54 +266,73 @@ def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    head = ("| batch | engine | median ms | p90 ms | repeats | latency / torch fp32 | x vs torch int8 | x vs torch fp32 "
-            "| seq/s | max abs logits vs torch int8 |")
+    head = (
+        "| batch | engine | median ms | p90 ms | repeats | latency / torch fp32 | x vs torch int8 | x vs torch fp32 "
+        "| seq/s | max abs logits vs torch int8 |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['repeats']} "
-                     f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} "
-                     f"| {r['speedup_vs_torch_fp32']:.2f} "
-                     f"| {r['sequences_per_s']:.1f} | {r['max_abs_logits_vs_torch_int8']:.2e} |")
+        lines.append(
+            f"| {r['batch']} | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['repeats']} "
+            f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} "
+            f"| {r['speedup_vs_torch_fp32']:.2f} "
+            f"| {r['sequences_per_s']:.1f} | {r['max_abs_logits_vs_torch_int8']:.2e} |"
+        )
     return lines
 
 
 def table_section(block: dict) -> list[str]:
     n = block["threads"]
-    lines = [f"## {n} thread{'s' if n > 1 else ''}", "",
-             f"torch: {n} intra-op thread(s), 1 inter-op; ONNX Runtime: {n} intra-op thread(s), 1 inter-op.", ""]
+    lines = [
+        f"## {n} thread{'s' if n > 1 else ''}",
+        "",
+        f"torch: {n} intra-op thread(s), 1 inter-op; ONNX Runtime: {n} intra-op thread(s), 1 inter-op.",
+        "",
+    ]
     probes = (block["probe_before"], block["probe_after"])
     if any(p["contended"] for p in probes):
-        seen = " / ".join(f"{p['layernorm_ms_n_threads']:.2f} ms at {n} threads vs {p['layernorm_ms_1_thread']:.3f} ms "
-                          "at 1 thread" for p in probes)
-        lines += [f"**Contended.** A 128x384 LayerNorm took {seen} (before / after): other processes held these "
-                  "cores, so every parallel region waited for a time slice. This table measures the machine's "
-                  "scheduling more than the models; read the 1-thread table, or re-run on idle cores.", ""]
+        seen = " / ".join(
+            f"{p['layernorm_ms_n_threads']:.2f} ms at {n} threads vs {p['layernorm_ms_1_thread']:.3f} ms at 1 thread"
+            for p in probes
+        )
+        lines += [
+            f"**Contended.** A 128x384 LayerNorm took {seen} (before / after): other processes held these "
+            "cores, so every parallel region waited for a time slice. This table measures the machine's "
+            "scheduling more than the models; read the 1-thread table, or re-run on idle cores.",
+            "",
+        ]
     return lines + format_table(block["results"]) + [""]
 
 
 def write_markdown(path: Path, result: dict) -> None:
     s, e = result["sizes"], result["environment"]
     lines = [
-        "# Export benchmark: ONNX Runtime vs PyTorch eager (CPU)", "",
-        f"Command: `{result['command']}`  ", f"Date (UTC): {result['date']}  ",
+        "# Export benchmark: ONNX Runtime vs PyTorch eager (CPU)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Date (UTC): {result['date']}  ",
         f"Machine: {e['machine']}, {e['cpu']}, {e['cpu_count']} logical CPUs visible, load average at start "
         f"{', '.join(f'{x:.1f}' for x in e['load_average'])} (1/5/15 min)  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items()) + "  ",
-        f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})", "",
+        f"Run: `{result['run']}` ({result['backbone']}, {result['task']}, precision {s['precision']})",
+        "",
         f"Each call is token ids -> logits (backbone then adapter) on sequences of exactly {SEQ} tokens (random "
         f"held-out texts, padded/truncated); the engines take turns in {result.get('rounds', 1)} round(s), each a "
         f"block of calls after {result['warmup']} untimed one(s); up to {result['repeats']} timed calls per cell "
         f"(cap {result['cell_seconds']} s per engine); {result['measure_time_s']:.0f} s of measuring in all. "
         "`x vs ...` is the ratio of median latencies (higher = faster than that PyTorch engine), within one "
-        "thread setting of this one run.", "",
+        "thread setting of this one run.",
+        "",
     ]
     for block in result["tables"]:
         lines += table_section(block)
     lines += [
-        "| size | bytes |", "|---|---|",
+        "| size | bytes |",
+        "|---|---|",
         f"| backbone.onnx (+ .data), {s['precision']} | {s['backbone_onnx_bytes']:,} |",
         f"| fp32 backbone export ({s['fp32_size_source']}) | {s['backbone_fp32_onnx_bytes']:,} |",
-        f"| ratio | {s['ratio']:.3f} |", "",
+        f"| ratio | {s['ratio']:.3f} |",
+        "",
         "Engines: `torch int8` = the checkpoint as trained (int8 codes dequantized on the fly in every "
         "forward); `torch fp32` = the same weights dequantized once into nn.Linear/nn.Embedding; "
         "`ort P LN` = graphs exported in precision P, run with `session.qdq_matmulnbits_accuracy_level=N` "
@@ -283,12 +345,20 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.export_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.export_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/")
-    p.add_argument("--extra-onnx", type=Path, nargs="*", default=[],
-                   help="more export directories of the same checkpoint to time at accuracy level 1 "
-                        "(e.g. a w8a8 export: runs/default_w8a8/onnx)")
+    p.add_argument(
+        "--extra-onnx",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more export directories of the same checkpoint to time at accuracy level 1 "
+        "(e.g. a w8a8 export: runs/default_w8a8/onnx)",
+    )
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per engine and batch size")
     p.add_argument("--rounds", type=int, default=4, help="the engines take turns in this many blocks of calls")
@@ -311,8 +381,10 @@ def main(argv=None) -> int:
     from training.checkpoint import load_checkpoint, read_examples
 
     if not (a.run / "onnx" / "backbone.onnx").is_file():
-        print(f"error: {a.run / 'onnx' / 'backbone.onnx'} is missing: run `make export RUN={a.run}` first",
-              file=sys.stderr)
+        print(
+            f"error: {a.run / 'onnx' / 'backbone.onnx'} is missing: run `make export RUN={a.run}` first",
+            file=sys.stderr,
+        )
         return 2
     for extra in a.extra_onnx:
         if not (extra / "backbone.onnx").is_file():
@@ -322,22 +394,39 @@ def main(argv=None) -> int:
     rows = read_examples(a.run / "checkpoint")
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if meta["backbone"]["has_token_type_ids"] else [])
     batches = {bs: make_batch(rows, tokenizer, bs, names, a.seed + bs) for bs in BATCHES}
-    env = {"machine": f"{platform.node()} {platform.machine()}", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-           "load_average": os.getloadavg(), "versions": versions()}
+    env = {
+        "machine": f"{platform.node()} {platform.machine()}",
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "versions": versions(),
+    }
     t0 = time.perf_counter()
     tables = run_tables(a, torch_engines(model), batches)
     result = {
         "command": "python -m benchmarks.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "run": str(a.run), "backbone": cfg.backbone.name, "task": meta["task"], "threads": a.threads,
-        "repeats": a.repeats, "rounds": a.rounds, "warmup": a.warmup, "cell_seconds": a.cell_seconds, "seq": SEQ,
-        "environment": env, "measure_time_s": time.perf_counter() - t0,
-        "sizes": backbone_sizes(a.run, model, meta), "tables": tables, "note": a.note,
+        "run": str(a.run),
+        "backbone": cfg.backbone.name,
+        "task": meta["task"],
+        "threads": a.threads,
+        "repeats": a.repeats,
+        "rounds": a.rounds,
+        "warmup": a.warmup,
+        "cell_seconds": a.cell_seconds,
+        "seq": SEQ,
+        "environment": env,
+        "measure_time_s": time.perf_counter() - t0,
+        "sizes": backbone_sizes(a.run, model, meta),
+        "tables": tables,
+        "note": a.note,
     }
     for block in tables:
         print("\n".join(table_section(block)))
     s = result["sizes"]
-    print(f"backbone.onnx {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x fp32 ({s['backbone_fp32_onnx_bytes']:,})")
+    print(
+        f"backbone.onnx {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x fp32 ({s['backbone_fp32_onnx_bytes']:,})"
+    )
     a.out_json.parent.mkdir(parents=True, exist_ok=True)
     a.out_json.write_text(json.dumps(result, indent=2))
     write_markdown(a.out_md, result)

@@ -4,6 +4,7 @@
 Batch 1 and 32 at sequence 128, CUDA-event timing, median of repeats after warmup, both measured
 in one run. Needs a CUDA GPU (CI never has one); prints and saves the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import BackboneConfig, QuantConfig
 from training.backbone import load_encoder
+from training.config import BackboneConfig, QuantConfig
 from training.quant import model_bytes, quantize_
 
 
@@ -60,17 +61,35 @@ def main(argv=None) -> int:
         t16 = time_forward(fp16, ids, mask, a.repeats)
         with torch.autocast("cuda", dtype=torch.float16):
             t8 = time_forward(int8, ids, mask, a.repeats)
-        rows.append({"batch": b, "seq": a.seq, "fp16_ms_p50": statistics.median(t16),
-                     "int8_dequant_ms_p50": statistics.median(t8),
-                     "ratio_int8_over_fp16": statistics.median(t8) / statistics.median(t16)})
-        print(f"batch {b:>3} seq {a.seq}: fp16 {rows[-1]['fp16_ms_p50']:.2f} ms  int8 (dequant in fp16) "
-              f"{rows[-1]['int8_dequant_ms_p50']:.2f} ms  ratio {rows[-1]['ratio_int8_over_fp16']:.2f}x")
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "backbone": a.backbone,
-              "random_init": a.random_init, "weights_bytes_fp16": model_bytes(fp16), "weights_bytes_int8": model_bytes(int8),
-              "rows": rows, "date": time.strftime("%Y-%m-%d"), "host": platform.node()}
+        rows.append(
+            {
+                "batch": b,
+                "seq": a.seq,
+                "fp16_ms_p50": statistics.median(t16),
+                "int8_dequant_ms_p50": statistics.median(t8),
+                "ratio_int8_over_fp16": statistics.median(t8) / statistics.median(t16),
+            }
+        )
+        print(
+            f"batch {b:>3} seq {a.seq}: fp16 {rows[-1]['fp16_ms_p50']:.2f} ms  int8 (dequant in fp16) "
+            f"{rows[-1]['int8_dequant_ms_p50']:.2f} ms  ratio {rows[-1]['ratio_int8_over_fp16']:.2f}x"
+        )
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "backbone": a.backbone,
+        "random_init": a.random_init,
+        "weights_bytes_fp16": model_bytes(fp16),
+        "weights_bytes_int8": model_bytes(int8),
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+        "host": platform.node(),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
-    print(f"weights: fp16 {result['weights_bytes_fp16'] / 2**20:.1f} MiB, int8 {result['weights_bytes_int8'] / 2**20:.1f} MiB -> {a.out}")
+    print(
+        f"weights: fp16 {result['weights_bytes_fp16'] / 2**20:.1f} MiB, int8 {result['weights_bytes_int8'] / 2**20:.1f} MiB -> {a.out}"
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ Transient memory (a dequantized weight, attention scores of the frozen backbone)
 accounting; the process's peak RSS is reported beside it as a cross-check, and the median step time.
 bf16 autocast (default) mirrors GPU training; `--amp off` accounts fp32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "benchmarks"
 # all-mpnet-base-v2's architecture (its config.json); weights are random here.
-MPNET_BASE = dict(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072, max_position_embeddings=514, layer_norm_eps=1e-5,
-                  relative_attention_num_buckets=32, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+MPNET_BASE = dict(
+    vocab_size=30527,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+    layer_norm_eps=1e-5,
+    relative_attention_num_buckets=32,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+)
 # (label, method, extra overrides): the baselines, the default MP-ISMoE, and where its memory went before.
 VARIANTS = [
     ("full FT", "full_ft", []),
@@ -88,18 +99,28 @@ class Trainee:
         from training.model import build_model
         from training.trainer import make_optimizer
 
-        self.cfg = load_config(overrides=[f"backbone.name={mpnet_base_dir()}", "backbone.random_init=true",
-                                          f"backbone.max_length={seq}", f"train.method={method}",
-                                          "quant.requant_every_epochs=0", "moe.prior_init=random", *overrides])
+        self.cfg = load_config(
+            overrides=[
+                f"backbone.name={mpnet_base_dir()}",
+                "backbone.random_init=true",
+                f"backbone.max_length={seq}",
+                f"train.method={method}",
+                "quant.requant_every_epochs=0",
+                "moe.prior_init=random",
+                *overrides,
+            ]
+        )
         torch.manual_seed(0)
         self.model, _ = build_model(self.cfg, 2, load_tokenizer(self.cfg.backbone))
         self.model.train()
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.amp = amp
         g = torch.Generator().manual_seed(1)
-        self.batch = {"input_ids": torch.randint(3, 30000, (batch, seq), generator=g),
-                      "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-                      "labels": torch.randint(0, 2, (batch,), generator=g)}
+        self.batch = {
+            "input_ids": torch.randint(3, 30000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=g),
+        }
 
     def step(self, on_saved=None) -> float:
         """One training step; `on_saved(t)` sees every tensor autograd saves during the forward."""
@@ -136,12 +157,17 @@ def account(method: str, overrides: list[str], batch: int, seq: int, amp: bool, 
     saved.clear()
     params = [p for p in model.parameters()]
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
-    return {"parameters": _unique_bytes([*params, *model.buffers()]),
-            "gradients": _unique_bytes([p.grad for p in params if p.grad is not None]),
-            "optimizer": _unique_bytes(state), "activations": activations,
-            "trainable_parameters": trainable_parameters(model),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_built_gib": rss_built,
-            "step_time_s": times[1:] if len(times) > 1 else times, "threads": torch.get_num_threads()}
+    return {
+        "parameters": _unique_bytes([*params, *model.buffers()]),
+        "gradients": _unique_bytes([p.grad for p in params if p.grad is not None]),
+        "optimizer": _unique_bytes(state),
+        "activations": activations,
+        "trainable_parameters": trainable_parameters(model),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_built_gib": rss_built,
+        "step_time_s": times[1:] if len(times) > 1 else times,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def time_pair(batch: int, seq: int, amp: bool, rounds: int) -> dict[str, list[float]]:
@@ -157,9 +183,27 @@ def time_pair(batch: int, seq: int, amp: bool, rounds: int) -> dict[str, list[fl
 
 
 def run_child(label: str, method: str, overrides: list[str], batch: int, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.memory", "--child", method, "--batch-sizes", str(batch), "--seq",
-           str(args.seq), "--amp", args.amp, "--steps", str(args.steps), "--threads", str(args.threads),
-           "--rounds", str(args.rounds), "--overrides", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory",
+        "--child",
+        method,
+        "--batch-sizes",
+        str(batch),
+        "--seq",
+        str(args.seq),
+        "--amp",
+        args.amp,
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--rounds",
+        str(args.rounds),
+        "--overrides",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -181,37 +225,56 @@ def ratios(rows: list[dict], pairs: list[dict], batch: int) -> dict:
     at = {r["label"]: r for r in rows if r["batch"] == batch}
     ours = at["MP-ISMoE"]
     pair = next(p["median_s"] for p in pairs if p["batch"] == batch)
-    return {"vs_full_ft": ours["accounted"] / at["full FT"]["accounted"],
-            "vs_lora": ours["accounted"] / at["LoRA"]["accounted"],
-            "vs_lst": ours["accounted"] / at["LST"]["accounted"],
-            "step_time_vs_lst": pair["MP-ISMoE"] / pair["LST"], "step_time_s": pair}
+    return {
+        "vs_full_ft": ours["accounted"] / at["full FT"]["accounted"],
+        "vs_lora": ours["accounted"] / at["LoRA"]["accounted"],
+        "vs_lst": ours["accounted"] / at["LST"]["accounted"],
+        "step_time_vs_lst": pair["MP-ISMoE"] / pair["LST"],
+        "step_time_s": pair,
+    }
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["# Training memory, accounted", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['environment']['cpu']}, "
-             f"{report['environment']['cpu_count']} CPUs, torch {report['environment']['versions']['torch']}, "
-             f"{report['environment']['date']}; {report['threads']} threads.  ",
-             f"Setting: all-mpnet-base-v2 architecture (12 x 768, random weights), sequence {report['seq']}, "
-             f"{'bf16 autocast' if report['amp'] == 'bf16' else 'fp32'}, AdamW; each configuration in its own process.",
-             "", "How it is counted: `benchmarks/memory.py` (each storage once; saved activations by "
-             "`saved_tensors_hooks`). Peak RSS includes the Python process, transient buffers and the "
-             "allocator's slack: a cross-check, not the figure compared.", ""]
+    lines = [
+        "# Training memory, accounted",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['environment']['cpu']}, "
+        f"{report['environment']['cpu_count']} CPUs, torch {report['environment']['versions']['torch']}, "
+        f"{report['environment']['date']}; {report['threads']} threads.  ",
+        f"Setting: all-mpnet-base-v2 architecture (12 x 768, random weights), sequence {report['seq']}, "
+        f"{'bf16 autocast' if report['amp'] == 'bf16' else 'fp32'}, AdamW; each configuration in its own process.",
+        "",
+        "How it is counted: `benchmarks/memory.py` (each storage once; saved activations by "
+        "`saved_tensors_hooks`). Peak RSS includes the Python process, transient buffers and the "
+        "allocator's slack: a cross-check, not the figure compared.",
+        "",
+    ]
     for batch in report["batch_sizes"]:
         rows = [r for r in report["rows"] if r["batch"] == batch]
         full = next(r for r in rows if r["label"] == "full FT")["accounted"]
-        lines += [f"## Batch {batch}", "",
-                  "| method | parameters | gradients | optimizer | activations | accounted GiB | vs full FT | peak RSS GiB | step s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {gib(r['parameters'])} | {gib(r['gradients'])} | {gib(r['optimizer'])} | "
-                  f"{gib(r['activations'])} | **{gib(r['accounted'])}** | {r['accounted'] / full:.3f}x | "
-                  f"{r['peak_rss_gib']:.2f} | {r['step_time_s_median']:.2f} |" for r in rows]
+        lines += [
+            f"## Batch {batch}",
+            "",
+            "| method | parameters | gradients | optimizer | activations | accounted GiB | vs full FT | peak RSS GiB | step s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['label']} | {gib(r['parameters'])} | {gib(r['gradients'])} | {gib(r['optimizer'])} | "
+            f"{gib(r['activations'])} | **{gib(r['accounted'])}** | {r['accounted'] / full:.3f}x | "
+            f"{r['peak_rss_gib']:.2f} | {r['step_time_s_median']:.2f} |"
+            for r in rows
+        ]
         q = report["ratios"][str(batch)]
-        lines += ["", f"MP-ISMoE: **{q['vs_full_ft']:.3f}x** full FT, {q['vs_lora']:.3f}x LoRA, {q['vs_lst']:.3f}x LST "
-                  f"accounted. Step time, LST and MP-ISMoE taking turns in one process ({report['rounds']} rounds): "
-                  f"median {q['step_time_s']['MP-ISMoE']:.2f} s vs {q['step_time_s']['LST']:.2f} s, "
-                  f"**{q['step_time_vs_lst']:.2f}x** LST's. The step-time column above is each configuration alone "
-                  f"({report['steps'] - 1} steps after a warm-up): indicative only.", ""]
+        lines += [
+            "",
+            f"MP-ISMoE: **{q['vs_full_ft']:.3f}x** full FT, {q['vs_lora']:.3f}x LoRA, {q['vs_lst']:.3f}x LST "
+            f"accounted. Step time, LST and MP-ISMoE taking turns in one process ({report['rounds']} rounds): "
+            f"median {q['step_time_s']['MP-ISMoE']:.2f} s vs {q['step_time_s']['LST']:.2f} s, "
+            f"**{q['step_time_vs_lst']:.2f}x** LST's. The step-time column above is each configuration alone "
+            f"({report['steps'] - 1} steps after a warm-up): indicative only.",
+            "",
+        ]
     lines += ["GPU: " + report.get("gpu_note", "not measured in this run."), ""]
     return "\n".join(lines)
 
@@ -232,8 +295,14 @@ def plot(report: dict, png: Path) -> Path:
             ax.barh([r["label"] for r in rows], values, left=bottom, color=f"C{i}", label=cat)
             bottom = [b + v for b, v in zip(bottom, values)]
         for y, r in enumerate(rows):
-            ax.annotate(f"{r['accounted'] / 2**30:.2f} GiB", (bottom[y], y), xytext=(3, 0), textcoords="offset points",
-                        va="center", fontsize=7)
+            ax.annotate(
+                f"{r['accounted'] / 2**30:.2f} GiB",
+                (bottom[y], y),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
         ax.invert_yaxis()
         ax.set(xlabel="GiB (accounted)", title=f"batch {batch}, sequence {report['seq']}")
         ax.legend(fontsize=7, loc="lower right")
@@ -245,8 +314,12 @@ def plot(report: dict, png: Path) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--amp", choices=("bf16", "off"), default="bf16")
@@ -254,8 +327,13 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=8, help="paired LST / MP-ISMoE step-time rounds")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--only", nargs="+", help="labels to run (default: all)")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL|METHOD|KEY=VALUE,...",
-                   help="an extra row, e.g. 'MP-ISMoE r=4|mp_ismoe|side.reduction=4' (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL|METHOD|KEY=VALUE,...",
+        help="an extra row, e.g. 'MP-ISMoE r=4|mp_ismoe|side.reduction=4' (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "memory", help="writes OUT.json, OUT.md, OUT.png")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -269,8 +347,11 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
         amp, batch = args.amp == "bf16", args.batch_sizes[0]
-        result = time_pair(batch, args.seq, amp, args.rounds) if args.child == PAIR else \
-            account(args.child, args.overrides, batch, args.seq, amp, args.steps)
+        result = (
+            time_pair(batch, args.seq, amp, args.rounds)
+            if args.child == PAIR
+            else account(args.child, args.overrides, batch, args.seq, amp, args.steps)
+        )
         print(json.dumps(result))
         return 0
     from contracts.machine import environment
@@ -286,21 +367,34 @@ def main(argv=None) -> int:
                 continue
             rows.append(run_child(label, method, overrides, batch, args))
             r = rows[-1]
-            print(f"batch {batch:>4}  {label:<40} accounted {gib(r['accounted'])} GiB  activations "
-                  f"{gib(r['activations'])}  peak RSS {r['peak_rss_gib']:.2f}  step {r['step_time_s_median']:.2f} s",
-                  flush=True)
+            print(
+                f"batch {batch:>4}  {label:<40} accounted {gib(r['accounted'])} GiB  activations "
+                f"{gib(r['activations'])}  peak RSS {r['peak_rss_gib']:.2f}  step {r['step_time_s_median']:.2f} s",
+                flush=True,
+            )
     pairs = []
     if not args.only:
         for batch in args.batch_sizes:
             pairs.append(run_child(PAIR, PAIR, [], batch, args))
-            print(f"batch {batch:>4}  paired step time: " + ", ".join(f"{k} {v:.2f} s" for k, v in pairs[-1]["median_s"].items()),
-                  flush=True)
-    report = {"command": "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "environment": environment(), "seq": args.seq, "amp": args.amp, "threads": args.threads,
-              "steps": args.steps, "rounds": args.rounds, "batch_sizes": args.batch_sizes, "rows": rows,
-              "paired_step_time": pairs,
-              "gpu_note": "not measured: no GPU machine was lent to this session (see docs/gpu_training_memory.json "
-                          "for the H100 figures of an earlier version)."}
+            print(
+                f"batch {batch:>4}  paired step time: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in pairs[-1]["median_s"].items()),
+                flush=True,
+            )
+    report = {
+        "command": "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(),
+        "seq": args.seq,
+        "amp": args.amp,
+        "threads": args.threads,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batch_sizes": args.batch_sizes,
+        "rows": rows,
+        "paired_step_time": pairs,
+        "gpu_note": "not measured: no GPU machine was lent to this session (see docs/gpu_training_memory.json "
+        "for the H100 figures of an earlier version).",
+    }
     labels = {r["label"] for r in rows}
     if {"MP-ISMoE", "full FT", "LoRA", "LST"} <= labels and pairs:
         report["ratios"] = {str(b): ratios(rows, pairs, b) for b in args.batch_sizes}

@@ -1,6 +1,7 @@
 """The figures of docs/BENCHMARKS.md. Each states, under the plot, the machine, versions, date and
 the command that reproduces it; each takes plain dicts/arrays so it can be redrawn from saved JSON.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -44,8 +45,15 @@ def latency_bars(summary: dict[str, dict], footer: str, png: Path, title: str) -
     bars = ax.bar(names, p50, color=[f"C{i}" for i in range(len(names))], label="p50 (median)")
     ax.scatter(names, p99, marker="_", s=600, color="black", label="p99", zorder=3)
     for bar, v in zip(bars, p50):
-        ax.annotate(f"{v:.1f} ms\n{v / p50[0]:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.annotate(
+            f"{v:.1f} ms\n{v / p50[0]:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, v),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax.set(ylabel="latency per request, ms (one example)", title=title)
     ax.set_ylim(0, max(p99.max(), p50.max()) * 1.25)
     ax.legend(loc="upper left", fontsize=8)
@@ -61,10 +69,14 @@ def latency_histogram(ms: np.ndarray, footer: str, png: Path, title: str) -> Pat
     for q, style in ((50, "-"), (99, "--")):
         v = np.percentile(ms, q)
         ax.axvline(v, color="black", ls=style, lw=1)
-        ax.annotate(f"p{q} {v:.1f} ms", (v, ax.get_ylim()[1] * 0.92), xytext=(4, 0), textcoords="offset points",
-                    fontsize=8)
-    ax.set(xlabel=f"latency, ms ({ms.size} requests; the top 0.5% clipped into the last bin)", ylabel="requests",
-           title=title)
+        ax.annotate(
+            f"p{q} {v:.1f} ms", (v, ax.get_ylim()[1] * 0.92), xytext=(4, 0), textcoords="offset points", fontsize=8
+        )
+    ax.set(
+        xlabel=f"latency, ms ({ms.size} requests; the top 0.5% clipped into the last bin)",
+        ylabel="requests",
+        title=title,
+    )
     return _finish(fig, footer, png)
 
 
@@ -96,6 +108,7 @@ def memory_bars(methods: dict[str, float], footer: str, png: Path, title: str, x
 
 # ---------------------------------------------------------------- docs/method_diagram.png
 
+
 def _box(ax, x, y, w, h, text, color, fontsize=8, style="round,pad=0.3"):
     from matplotlib.patches import FancyBboxPatch
 
@@ -108,18 +121,33 @@ def _arrow(ax, a, b, text="", style="-|>", ls="-", color="0.25", fontsize=7, off
 
     ax.add_patch(FancyArrowPatch(a, b, arrowstyle=style, mutation_scale=10, lw=0.9, ls=ls, color=color))
     if text:
-        ax.text((a[0] + b[0]) / 2 + offset[0], (a[1] + b[1]) / 2 + offset[1], text, ha="center", fontsize=fontsize,
-                color=color)
+        ax.text(
+            (a[0] + b[0]) / 2 + offset[0],
+            (a[1] + b[1]) / 2 + offset[1],
+            text,
+            ha="center",
+            fontsize=fontsize,
+            color=color,
+        )
 
 
 def _method_panel(ax) -> None:
     ax.set(xlim=(0, 100), ylim=(0, 62), title="Training and the exported graphs: backbone.onnx -> adapter.onnx")
     ax.axis("off")
-    rows = [("embeddings\n(int8 rows, gathered then dequantized)", 3, "0"), ("layer 1", 16, "1"), ("layer 2", 27, "2"),
-            ("layer L", 43, "L")]
+    rows = [
+        ("embeddings\n(int8 rows, gathered then dequantized)", 3, "0"),
+        ("layer 1", 16, "1"),
+        ("layer 2", 27, "2"),
+        ("layer L", 43, "L"),
+    ]
     ax.text(14, 38, "...", ha="center", fontsize=12)
-    ax.text(14, 53.5, "frozen backbone (GNP-IQ)\nint8 codes + per-row s, z;\nLayerNorm and biases fp32", ha="center",
-            fontsize=8)
+    ax.text(
+        14,
+        53.5,
+        "frozen backbone (GNP-IQ)\nint8 codes + per-row s, z;\nLayerNorm and biases fp32",
+        ha="center",
+        fontsize=8,
+    )
     for text, y, i in rows:
         _box(ax, 3, y, 22, 7, text, "#dbe8f6")
         _arrow(ax, (25.6, y + 2.5), (33, y + 2.5), "tap" if i == "1" else "", offset=(0, 0.6))
@@ -128,26 +156,45 @@ def _method_panel(ax) -> None:
         _box(ax, 52, y, 22, 7, side, "#d5f5e3", fontsize=7)
         _arrow(ax, (43.6, y + 2.5), (52, y + 2.5), f"gate g_{i}" if i == "1" else "", offset=(0, 0.6))
         if i != "0":
-            _arrow(ax, (25.6, y + 5.8), (52, y + 5.8), "[CLS] vector -> router prior c" if i == "1" else "", ls="--",
-                   color="#a04000", offset=(0, 0.6))
+            _arrow(
+                ax,
+                (25.6, y + 5.8),
+                (52, y + 5.8),
+                "[CLS] vector -> router prior c" if i == "1" else "",
+                ls="--",
+                color="#a04000",
+                offset=(0, 0.6),
+            )
     for y0, y1 in ((10.3, 16), (23.3, 27), (34.3, 43)):
         _arrow(ax, (63, y0), (63, y1))
     _box(ax, 79, 43, 18, 7, "pool, upsample to D\n(+ pooled backbone)\n-> head -> logits", "#f9e79f", fontsize=7)
     _arrow(ax, (74.6, 46.5), (79, 46.5))
-    ax.text(88, 3, "ladder:\n h = g_i*h + (1-g_i)*down_i(h_i)\n g_i = sigmoid(alpha_i/0.1), alpha_i=0\n\n"
-            "ISMoE router, fp32:\n p  = softmax(W_g x)\n c  = softmax(h_cls r^T/sqrt(D))\n g' = (p + c) / 2\n"
-            " top-k of g', renormalised\n all N experts computed densely,\n combined by a scattered gate\n\n"
-            "trained: side network, head,\nLayerNorm affines (truncated);\nbackbone runs under no_grad",
-            fontsize=6.5, ha="center", va="bottom", family="monospace", multialignment="left",
-            bbox={"fc": "white", "ec": "0.6", "boxstyle": "round,pad=0.4"})
+    ax.text(
+        88,
+        3,
+        "ladder:\n h = g_i*h + (1-g_i)*down_i(h_i)\n g_i = sigmoid(alpha_i/0.1), alpha_i=0\n\n"
+        "ISMoE router, fp32:\n p  = softmax(W_g x)\n c  = softmax(h_cls r^T/sqrt(D))\n g' = (p + c) / 2\n"
+        " top-k of g', renormalised\n all N experts computed densely,\n combined by a scattered gate\n\n"
+        "trained: side network, head,\nLayerNorm affines (truncated);\nbackbone runs under no_grad",
+        fontsize=6.5,
+        ha="center",
+        va="bottom",
+        family="monospace",
+        multialignment="left",
+        bbox={"fc": "white", "ec": "0.6", "boxstyle": "round,pad=0.4"},
+    )
 
 
 def _ensemble_panel(ax) -> None:
     ax.set(xlim=(0, 100), ylim=(0, 30), title="Serving: the Triton ensemble <task> (one backbone shared by every task)")
     ax.axis("off")
-    chain = [("text\n(+ text_pair)", 1, "#eeeeee"), ("tokenizer\npython: tokenizers", 17, "#fdebd0"),
-             ("backbone\nONNX Runtime (cpu) or\ntensorrt_plan (gpu)", 35, "#dbe8f6"),
-             ("adapter_<task>\nsame backend", 56, "#d5f5e3"), ("postprocess_<task>\nsoftmax, arg-max", 74, "#f9e79f")]
+    chain = [
+        ("text\n(+ text_pair)", 1, "#eeeeee"),
+        ("tokenizer\npython: tokenizers", 17, "#fdebd0"),
+        ("backbone\nONNX Runtime (cpu) or\ntensorrt_plan (gpu)", 35, "#dbe8f6"),
+        ("adapter_<task>\nsame backend", 56, "#d5f5e3"),
+        ("postprocess_<task>\nsoftmax, arg-max", 74, "#f9e79f"),
+    ]
     for text, x, color in chain:
         _box(ax, x, 15, 14 if x != 35 else 17, 8, text, color, fontsize=7)
     for (_, x0, _), (_, x1, _) in zip(chain, chain[1:]):
@@ -158,8 +205,14 @@ def _ensemble_panel(ax) -> None:
     _box(ax, 74, 2, 14, 7, "postprocess_<task2>", "#f9e79f", fontsize=7)
     _arrow(ax, (52.6, 16), (56, 6), "ensemble <task2>", offset=(-7, -2.5))
     _arrow(ax, (70.6, 5.5), (74, 5.5))
-    ax.text(26, 6, "ids, mask (B, T)  ->  hidden_states (B, K, T, D), cls_states (B, K-1, D)  ->  logits (B, C)",
-            fontsize=6.5, ha="center", family="monospace")
+    ax.text(
+        26,
+        6,
+        "ids, mask (B, T)  ->  hidden_states (B, K, T, D), cls_states (B, K-1, D)  ->  logits (B, C)",
+        fontsize=6.5,
+        ha="center",
+        family="monospace",
+    )
 
 
 def method_diagram(png: Path) -> Path:
@@ -167,8 +220,14 @@ def method_diagram(png: Path) -> Path:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8.2), gridspec_kw={"height_ratios": [2.1, 1]})
     _method_panel(top)
     _ensemble_panel(bottom)
-    fig.text(0.01, 0.005, "drawn by benchmarks/plots.py: python -m benchmarks.plots --method-diagram docs/method_diagram.png",
-             fontsize=6.5, color="0.35", family="monospace")
+    fig.text(
+        0.01,
+        0.005,
+        "drawn by benchmarks/plots.py: python -m benchmarks.plots --method-diagram docs/method_diagram.png",
+        fontsize=6.5,
+        color="0.35",
+        family="monospace",
+    )
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)

@@ -15,6 +15,7 @@ Steps:
                 bench_gpu_memory.png). An absent input is stated as not measured, never filled in.
 Timings are medians (p99 next to them); runtimes are compared only as ratios from the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,61 +32,88 @@ from benchmarks import plots
 
 DOCS = Path("docs")
 RUNTIMES_JSON = "bench_runtimes.json"
-PNG = {"runtimes": "bench_latency_runtimes.png", "hist": "bench_latency_hist.png",
-       "accuracy": "bench_accuracy_memory.png", "gpu_memory": "bench_gpu_memory.png"}
+PNG = {
+    "runtimes": "bench_latency_runtimes.png",
+    "hist": "bench_latency_hist.png",
+    "accuracy": "bench_accuracy_memory.png",
+    "gpu_memory": "bench_gpu_memory.png",
+}
 
 
 # ---------------------------------------------------------------- measuring
 
+
 def check_run(run: Path) -> None:
     """The run must be trained and exported; SystemExit with the command that makes it so."""
-    from serving.artifacts import load_run
     from contracts.artifacts import ArtifactError
+    from serving.artifacts import load_run
     from training.checkpoint import read_checkpoint_config
 
     try:
         read_checkpoint_config(run / "checkpoint")
         load_run(run)
     except (ArtifactError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {str(e).splitlines()[0]}\n{run} must be trained and exported first: "
-                         f"`make train export RUN={run}`") from None
+        raise SystemExit(
+            f"error: {str(e).splitlines()[0]}\n{run} must be trained and exported first: `make train export RUN={run}`"
+        ) from None
 
 
 def measure_runtimes(run: Path, requests: int, warmup: int, threads: int | None, serve: bool) -> dict:
     """Latency per runtime (interleaved, one run) and accuracy per runtime on the held-out split."""
     import torch
 
-    from serving.reference import InProcessClassifier
     from contracts.machine import environment
-    from regress.measure import (PyTorchClassifier, in_chunks, latency_summary, load_heldout, served_client,
-                                 time_interleaved)
+    from regress.measure import (
+        PyTorchClassifier,
+        in_chunks,
+        latency_summary,
+        load_heldout,
+        served_client,
+        time_interleaved,
+    )
+    from serving.reference import InProcessClassifier
 
     data = load_heldout(run)
     pt = PyTorchClassifier(run / "checkpoint", threads)
     ort = {level: InProcessClassifier(run, threads or 0, level) for level in (1, 4)}
-    logits = {"PyTorch eager": in_chunks(pt.logits, data.texts, data.pairs),
-              "ORT level 1": in_chunks(ort[1].logits, data.texts, data.pairs),
-              "ORT level 4": in_chunks(ort[4].logits, data.texts, data.pairs)}
+    logits = {
+        "PyTorch eager": in_chunks(pt.logits, data.texts, data.pairs),
+        "ORT level 1": in_chunks(ort[1].logits, data.texts, data.pairs),
+        "ORT level 4": in_chunks(ort[4].logits, data.texts, data.pairs),
+    }
     accuracy = {k: float((v.argmax(-1) == data.y).mean()) for k, v in logits.items()}
-    calls = {"PyTorch eager": lambda i: pt.logits(*data.example(i)),
-             "ORT level 1": lambda i: ort[1].classify(*data.example(i)),
-             "ORT level 4": lambda i: ort[4].classify(*data.example(i))}
+    calls = {
+        "PyTorch eager": lambda i: pt.logits(*data.example(i)),
+        "ORT level 1": lambda i: ort[1].classify(*data.example(i)),
+        "ORT level 4": lambda i: ort[4].classify(*data.example(i)),
+    }
     if serve:
         with served_client(run, threads=threads) as client:
             served = client.classify(data.export.task, data.texts, data.pairs)
-            accuracy["Triton ensemble"] = float(np.mean([data.labels.index(p.label) == t for p, t in zip(served, data.y)]))
+            accuracy["Triton ensemble"] = float(
+                np.mean([data.labels.index(p.label) == t for p, t in zip(served, data.y)])
+            )
             calls["Triton ensemble"] = lambda i: client.classify(data.export.task, *data.example(i))
             ms = time_interleaved(calls, requests, warmup)
     else:
         ms = time_interleaved(calls, requests, warmup)
     summary = {k: latency_summary(v) for k, v in ms.items()}
     base = summary["PyTorch eager"]["p50_ms"]
-    return {"run": str(run), "task": data.export.task, "backbone": data.meta["run"]["backbone"]["name"],
-            "precision": data.export.spec.precision, "heldout_rows": len(data.texts), "requests": requests,
-            "warmup": warmup, "threads": {"requested": threads, "torch": torch.get_num_threads()},
-            "environment": environment(), "accuracy": accuracy, "summary": summary,
-            "p50_vs_pytorch": {k: v["p50_ms"] / base for k, v in summary.items()},
-            "latencies_ms": {k: [round(float(x), 4) for x in v] for k, v in ms.items()}}
+    return {
+        "run": str(run),
+        "task": data.export.task,
+        "backbone": data.meta["run"]["backbone"]["name"],
+        "precision": data.export.spec.precision,
+        "heldout_rows": len(data.texts),
+        "requests": requests,
+        "warmup": warmup,
+        "threads": {"requested": threads, "torch": torch.get_num_threads()},
+        "environment": environment(),
+        "accuracy": accuracy,
+        "summary": summary,
+        "p50_vs_pytorch": {k: v["p50_ms"] / base for k, v in summary.items()},
+        "latencies_ms": {k: [round(float(x), 4) for x in v] for k, v in ms.items()},
+    }
 
 
 def run_step(name: str, argv: list[str]) -> dict:
@@ -93,11 +121,14 @@ def run_step(name: str, argv: list[str]) -> dict:
     print(f"[bench] {name}: {shlex.join(argv)}", flush=True)
     code = subprocess.run([sys.executable, *argv]).returncode
     print(f"[bench] {name}: {'done' if code == 0 else f'FAILED (exit code {code})'}", flush=True)
-    return {"status": "Measured in this run" if code == 0 else f"FAILED in this run (exit code {code})",
-            "command": "python " + shlex.join(argv)}
+    return {
+        "status": "Measured in this run" if code == 0 else f"FAILED in this run (exit code {code})",
+        "command": "python " + shlex.join(argv),
+    }
 
 
 # ---------------------------------------------------------------- rendering
+
 
 def _load(path: Path) -> dict | None:
     try:
@@ -119,21 +150,33 @@ def section_runtimes(data: dict | None, docs: Path, command: str) -> list[str]:
     if not data:
         return out + _absent(f"{docs / RUNTIMES_JSON}", "make bench RUN=runs/<name>")
     env, s = data["environment"], data["summary"]
-    out += [f"Run `{data['run']}` ({data['backbone']}, task `{data['task']}`, {data['precision']}); {data['requests']} "
-            f"requests per runtime after {data['warmup']} warmup, one example per request, the runtimes taking turns "
-            f"per example; torch threads {data['threads']['torch']}, ONNX Runtime threads "
-            f"{data['threads']['requested'] or 'default (all cores)'}. {env['cpu']}, {env['cpu_count']} CPUs, "
-            f"{env['date']}. Command: `{command}`.", "",
-            "| runtime | p50 ms | p99 ms | mean ms | p50 vs PyTorch eager | held-out accuracy |", "|---|---|---|---|---|---|"]
+    out += [
+        f"Run `{data['run']}` ({data['backbone']}, task `{data['task']}`, {data['precision']}); {data['requests']} "
+        f"requests per runtime after {data['warmup']} warmup, one example per request, the runtimes taking turns "
+        f"per example; torch threads {data['threads']['torch']}, ONNX Runtime threads "
+        f"{data['threads']['requested'] or 'default (all cores)'}. {env['cpu']}, {env['cpu_count']} CPUs, "
+        f"{env['date']}. Command: `{command}`.",
+        "",
+        "| runtime | p50 ms | p99 ms | mean ms | p50 vs PyTorch eager | held-out accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in s.items():
-        out.append(f"| {name} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['mean_ms']:.2f} "
-                   f"| {data['p50_vs_pytorch'][name]:.2f}x | {data['accuracy'].get(name, float('nan')):.4f} |")
+        out.append(
+            f"| {name} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['mean_ms']:.2f} "
+            f"| {data['p50_vs_pytorch'][name]:.2f}x | {data['accuracy'].get(name, float('nan')):.4f} |"
+        )
     if "Triton ensemble" not in s:
         out += ["", "Triton ensemble: not measured in this run (--skip-serving)."]
-    out += ["", "PyTorch eager is the checkpoint as trained (int8 codes dequantized in every forward, HF tokenizer); "
-            "ORT level N is the exported graphs in-process with `session.qdq_matmulnbits_accuracy_level=N` (the "
-            "serving tokenizer); the Triton ensemble is tokenizer -> backbone -> adapter -> postprocess over gRPC "
-            "on 127.0.0.1.", "", f"![latency per runtime]({PNG['runtimes']})", ""]
+    out += [
+        "",
+        "PyTorch eager is the checkpoint as trained (int8 codes dequantized in every forward, HF tokenizer); "
+        "ORT level N is the exported graphs in-process with `session.qdq_matmulnbits_accuracy_level=N` (the "
+        "serving tokenizer); the Triton ensemble is tokenizer -> backbone -> adapter -> postprocess over gRPC "
+        "on 127.0.0.1.",
+        "",
+        f"![latency per runtime]({PNG['runtimes']})",
+        "",
+    ]
     if "Triton ensemble" in s:
         out += [f"![served latency histogram]({PNG['hist']})", ""]
     return out
@@ -144,17 +187,29 @@ def section_export(data: dict | None, status: str) -> list[str]:
     if not data:
         return out + _absent("docs/export_bench.json", "python -m benchmarks.export_bench --run runs/<name>")
     e, s = data["environment"], data["sizes"]
-    out += [f"{status}. From `docs/export_bench.json` ({data['date']} UTC, {e['cpu']}, {e['cpu_count']} CPUs, "
-            f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
-            "[export_bench.md](export_bench.md).", "",
-            "| batch | engine | median ms | p90 ms | latency / torch fp32 | x vs torch int8 | max abs logits vs torch int8 |",
-            "|---|---|---|---|---|---|---|"]
-    tables = data.get("tables") or [{"threads": data["threads"], "results": data["results"]}]  # one table per thread count
+    out += [
+        f"{status}. From `docs/export_bench.json` ({data['date']} UTC, {e['cpu']}, {e['cpu_count']} CPUs, "
+        f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
+        "[export_bench.md](export_bench.md).",
+        "",
+        "| batch | engine | median ms | p90 ms | latency / torch fp32 | x vs torch int8 | max abs logits vs torch int8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tables = data.get("tables") or [
+        {"threads": data["threads"], "results": data["results"]}
+    ]  # one table per thread count
     for t in tables:
-        out += [f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
-                f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |" for r in t["results"]]
-    out += ["", f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
-            f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).", ""]
+        out += [
+            f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
+            f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |"
+            for r in t["results"]
+        ]
+    out += [
+        "",
+        f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
+        f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).",
+        "",
+    ]
     return out
 
 
@@ -164,15 +219,20 @@ def section_serving(data: dict | None, status: str, path: Path, command: str | N
         return out + _absent("docs/serving_bench.json", "python -m benchmarks.serving_bench --run runs/<name>")
     mc = data["machine"]
     date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out += [f"{status}. From `docs/serving_bench.json` (file written {date}; {mc['cpus']} CPUs, {mc['platform']}; run "
-            f"`{data['run']}`, {data['protocol']}); command `{command or 'python -m benchmarks.serving_bench --run ' + data['run']}`. "
-            "Full table: [serving_bench.md](serving_bench.md).", "",
-            "| concurrency | in-process p50 / p99 ms | Triton p50 / p99 ms | Triton / in-process p50 | in-process req/s | Triton req/s |",
-            "|---|---|---|---|---|---|"]
+    out += [
+        f"{status}. From `docs/serving_bench.json` (file written {date}; {mc['cpus']} CPUs, {mc['platform']}; run "
+        f"`{data['run']}`, {data['protocol']}); command `{command or 'python -m benchmarks.serving_bench --run ' + data['run']}`. "
+        "Full table: [serving_bench.md](serving_bench.md).",
+        "",
+        "| concurrency | in-process p50 / p99 ms | Triton p50 / p99 ms | Triton / in-process p50 | in-process req/s | Triton req/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         a, b = r["in_process"], r["triton"]
-        out.append(f"| {r['concurrency']} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
-                   f"| {r['ratio_p50']:.2f}x | {a['throughput_rps']:.1f} | {b['throughput_rps']:.1f} |")
+        out.append(
+            f"| {r['concurrency']} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
+            f"| {r['ratio_p50']:.2f}x | {a['throughput_rps']:.1f} | {b['throughput_rps']:.1f} |"
+        )
     return out + [""]
 
 
@@ -181,18 +241,24 @@ def section_compare(data: dict | None, docs: Path) -> list[str]:
     if not data:
         return out + _absent("docs/compare.json", "make compare")
     mc, b = data["machine"], data["budget"]
-    out += [f"From `docs/compare.json` ({mc['date']}, {mc['cpu']}, {mc['cpu_count']} CPUs); backbone `{b['backbone']}`, "
-            f"data `{b['dataset']}` ({b['sizes']}), {b['epochs']} epoch(s), max_steps {b['max_steps']}; command "
-            f"`{data['command']}`. Details: [compare.md](compare.md).", "",
-            "| method | test accuracy | peak training memory GiB | trainable parameters | median step s |", "|---|---|---|---|---|"]
+    out += [
+        f"From `docs/compare.json` ({mc['date']}, {mc['cpu']}, {mc['cpu_count']} CPUs); backbone `{b['backbone']}`, "
+        f"data `{b['dataset']}` ({b['sizes']}), {b['epochs']} epoch(s), max_steps {b['max_steps']}; command "
+        f"`{data['command']}`. Details: [compare.md](compare.md).",
+        "",
+        "| method | test accuracy | peak training memory GiB | trainable parameters | median step s |",
+        "|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         if r["status"] != "ok":
             out.append(f"| {r['method']} | FAILED | | | |")
             continue
         m = r["metrics"]
         step = f"{m['step_time_s_median']:.3f}" if m.get("step_time_s_median") else "n/a"
-        out.append(f"| {r['method']} | {m['test_accuracy']:.4f} | {m['peak_memory_gib']:.3f} ({m['peak_memory_kind']}) "
-                   f"| {m['trainable_parameters']:,} | {step} |")
+        out.append(
+            f"| {r['method']} | {m['test_accuracy']:.4f} | {m['peak_memory_gib']:.3f} ({m['peak_memory_kind']}) "
+            f"| {m['trainable_parameters']:,} | {step} |"
+        )
     return out + ["", f"![accuracy vs peak training memory]({PNG['accuracy']})", ""]
 
 
@@ -200,15 +266,22 @@ def section_ablation(data: dict | None) -> list[str]:
     out = ["## Ablation", ""]
     if not data:
         return out + _absent("docs/ablation.json", "make ablate")
-    out += [f"From `docs/ablation.json` ({data.get('date', '?')}, device {', '.join(data.get('devices') or ['?'])}, "
-            f"seeds {data.get('seeds')}); command "
-            f"`{data.get('command', '?')}`. Tables and the findings the data supports: [ablation.md](ablation.md).", "",
-            "| table | variant | test accuracy % (mean ± std, n) | peak memory GiB |", "|---|---|---|---|"]
+    out += [
+        f"From `docs/ablation.json` ({data.get('date', '?')}, device {', '.join(data.get('devices') or ['?'])}, "
+        f"seeds {data.get('seeds')}); command "
+        f"`{data.get('command', '?')}`. Tables and the findings the data supports: [ablation.md](ablation.md).",
+        "",
+        "| table | variant | test accuracy % (mean ± std, n) | peak memory GiB |",
+        "|---|---|---|---|",
+    ]
     for title, rows in data["tables"]:
         for name, label in rows:
             s = data["variants"][name]["summary"]
-            acc = (f"{100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} (n={s['n']})"
-                   if s["n"] else "FAILED")
+            acc = (
+                f"{100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} (n={s['n']})"
+                if s["n"]
+                else "FAILED"
+            )
             mem = f"{s['peak_memory_gib']:.3f}" if s["n"] else ""
             out.append(f"| {title} | {label} | {acc} | {mem} |")
     return out + [""]
@@ -222,16 +295,30 @@ def section_gpu(docs: Path) -> list[str]:
     for path in files:
         data = _load(path) or {}
         if "rows" in data:
-            out += [f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, backbone `{data.get('backbone')}`"
-                    f"{' (random weights)' if data.get('random_init') else ''}, {data.get('date')}. {data.get('note', '')}", "",
-                    "| batch | seq | fp16 p50 ms | int8 (dequantize per forward) p50 ms | int8 / fp16 |", "|---|---|---|---|---|"]
-            out += [f"| {r['batch']} | {r['seq']} | {r['fp16_ms_p50']:.2f} | {r['int8_dequant_ms_p50']:.2f} "
-                    f"| {r['ratio_int8_over_fp16']:.2f}x |" for r in data["rows"]]
+            out += [
+                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, backbone `{data.get('backbone')}`"
+                f"{' (random weights)' if data.get('random_init') else ''}, {data.get('date')}. {data.get('note', '')}",
+                "",
+                "| batch | seq | fp16 p50 ms | int8 (dequantize per forward) p50 ms | int8 / fp16 |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['batch']} | {r['seq']} | {r['fp16_ms_p50']:.2f} | {r['int8_dequant_ms_p50']:.2f} "
+                f"| {r['ratio_int8_over_fp16']:.2f}x |"
+                for r in data["rows"]
+            ]
         elif "methods" in data:
-            out += [f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, {data.get('date')}. {data.get('setup', '')}",
-                    "", "| method | peak memory GiB | static GiB | trainable parameters | median step s |", "|---|---|---|---|---|"]
-            out += [f"| {k} | {m['peak_memory_gib']:.3f} | {m.get('static_memory_gib') or 0:.3f} | {m['trainable_parameters']:,} "
-                    f"| {m.get('step_time_s_median') or float('nan'):.3f} |" for k, m in data["methods"].items()]
+            out += [
+                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, {data.get('date')}. {data.get('setup', '')}",
+                "",
+                "| method | peak memory GiB | static GiB | trainable parameters | median step s |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {k} | {m['peak_memory_gib']:.3f} | {m.get('static_memory_gib') or 0:.3f} | {m['trainable_parameters']:,} "
+                f"| {m.get('step_time_s_median') or float('nan'):.3f} |"
+                for k, m in data["methods"].items()
+            ]
             out += ["", f"Command: `{data.get('command', '?')}`", "", f"![GPU training memory]({PNG['gpu_memory']})"]
         else:
             out.append(f"`{path.name}`: not rendered here (unrecognised layout); see the file.")
@@ -242,26 +329,43 @@ def section_gpu(docs: Path) -> list[str]:
 def render(docs: Path, run_cmd: str, steps: dict) -> str:
     runtimes = _load(docs / RUNTIMES_JSON)
     parts = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         f"Generated by `{run_cmd}` on "
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Timings are medians "
         "(p99 or p90 beside them), and runtimes are compared only as ratios measured in the same run on the same "
         "machine; absolute times from different machines or runs are not comparable. Each section names its source "
-        "file, machine, date and command; a section whose input is absent says so.", ""]
-    sections = [lambda: section_runtimes(runtimes, docs, (runtimes or {}).get("command", run_cmd)),
-                lambda: section_export(_load(docs / "export_bench.json"), _status(steps, "export", "Not re-measured in this run")),
-                lambda: section_serving(_load(docs / "serving_bench.json"), _status(steps, "serving", "Not re-measured in this run"),
-                                        docs / "serving_bench.json", steps.get("serving", {}).get("command")),
-                lambda: section_compare(_load(docs / "compare.json"), docs), lambda: section_ablation(_load(docs / "ablation.json")),
-                lambda: section_gpu(docs)]
+        "file, machine, date and command; a section whose input is absent says so.",
+        "",
+    ]
+    sections = [
+        lambda: section_runtimes(runtimes, docs, (runtimes or {}).get("command", run_cmd)),
+        lambda: section_export(
+            _load(docs / "export_bench.json"), _status(steps, "export", "Not re-measured in this run")
+        ),
+        lambda: section_serving(
+            _load(docs / "serving_bench.json"),
+            _status(steps, "serving", "Not re-measured in this run"),
+            docs / "serving_bench.json",
+            steps.get("serving", {}).get("command"),
+        ),
+        lambda: section_compare(_load(docs / "compare.json"), docs),
+        lambda: section_ablation(_load(docs / "ablation.json")),
+        lambda: section_gpu(docs),
+    ]
     for section in sections:
         try:
             parts += section()
         except (KeyError, TypeError, ValueError) as e:  # another tool changed its JSON layout
             parts += [f"(a section could not be rendered: {type(e).__name__} {e}; see the JSON file in docs/)", ""]
-    parts += ["## Regression", "", "`make regress RUN=runs/<name>` re-measures accuracy, label agreement, parity and "
-              "sizes from the artifacts and compares them with `runs/<name>/baseline.json` (`ARGS=--serve` adds the "
-              "served ensemble, `ARGS=--latency` latency ratios); see README.md.", ""]
+    parts += [
+        "## Regression",
+        "",
+        "`make regress RUN=runs/<name>` re-measures accuracy, label agreement, parity and "
+        "sizes from the artifacts and compares them with `runs/<name>/baseline.json` (`ARGS=--serve` adds the "
+        "served ensemble, `ARGS=--latency` latency ratios); see README.md.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -271,47 +375,99 @@ def draw(docs: Path, run_cmd: str) -> list[Path]:
     rt = _load(docs / RUNTIMES_JSON)
     if rt:
         foot = plots.footer_text(rt["environment"], rt.get("command", run_cmd))
-        written.append(plots.latency_bars(rt["summary"], foot, docs / PNG["runtimes"],
-                                          f"{rt['backbone']} / {rt['task']}: one example per request (x = p50 / PyTorch eager p50)"))
+        written.append(
+            plots.latency_bars(
+                rt["summary"],
+                foot,
+                docs / PNG["runtimes"],
+                f"{rt['backbone']} / {rt['task']}: one example per request (x = p50 / PyTorch eager p50)",
+            )
+        )
         if "Triton ensemble" in rt["latencies_ms"]:
-            written.append(plots.latency_histogram(np.array(rt["latencies_ms"]["Triton ensemble"]), foot, docs / PNG["hist"],
-                                                   f"Triton ensemble latency ({rt['backbone']} / {rt['task']})"))
+            written.append(
+                plots.latency_histogram(
+                    np.array(rt["latencies_ms"]["Triton ensemble"]),
+                    foot,
+                    docs / PNG["hist"],
+                    f"Triton ensemble latency ({rt['backbone']} / {rt['task']})",
+                )
+            )
     cmp = _load(docs / "compare.json")
     ok = [r for r in (cmp or {}).get("results", []) if r.get("status") == "ok"]
     if ok:
-        env = {"cpu": cmp["machine"]["cpu"], "cpu_count": cmp["machine"]["cpu_count"], "date": cmp["machine"]["date"],
-               "versions": {"torch": cmp["machine"].get("torch")}}
-        points = [{"name": r["method"], "accuracy": r["metrics"]["test_accuracy"], "memory_gib": r["metrics"]["peak_memory_gib"],
-                   "memory_kind": r["metrics"]["peak_memory_kind"]} for r in ok]
-        written.append(plots.accuracy_vs_memory(points, plots.footer_text(env, cmp["command"]), docs / PNG["accuracy"],
-                                                f"{cmp['budget']['backbone']}: test accuracy vs peak training memory"))
+        env = {
+            "cpu": cmp["machine"]["cpu"],
+            "cpu_count": cmp["machine"]["cpu_count"],
+            "date": cmp["machine"]["date"],
+            "versions": {"torch": cmp["machine"].get("torch")},
+        }
+        points = [
+            {
+                "name": r["method"],
+                "accuracy": r["metrics"]["test_accuracy"],
+                "memory_gib": r["metrics"]["peak_memory_gib"],
+                "memory_kind": r["metrics"]["peak_memory_kind"],
+            }
+            for r in ok
+        ]
+        written.append(
+            plots.accuracy_vs_memory(
+                points,
+                plots.footer_text(env, cmp["command"]),
+                docs / PNG["accuracy"],
+                f"{cmp['budget']['backbone']}: test accuracy vs peak training memory",
+            )
+        )
     mem = _load(docs / "gpu_training_memory.json")
     if mem and "methods" in mem:
         env = {"gpu": mem.get("gpu"), "date": mem.get("date"), "versions": {"torch": mem.get("torch")}}
-        written.append(plots.memory_bars({k: m["peak_memory_gib"] for k, m in mem["methods"].items()},
-                                         plots.footer_text(env, "see docs/gpu_training_memory.json 'command'"),
-                                         docs / PNG["gpu_memory"], "peak training memory per method (GPU; setup in the JSON)",
-                                         "torch.cuda.max_memory_allocated over training steps, GiB"))
+        written.append(
+            plots.memory_bars(
+                {k: m["peak_memory_gib"] for k, m in mem["methods"].items()},
+                plots.footer_text(env, "see docs/gpu_training_memory.json 'command'"),
+                docs / PNG["gpu_memory"],
+                "peak training memory per method (GPU; setup in the JSON)",
+                "torch.cuda.max_memory_allocated over training steps, GiB",
+            )
+        )
     return written
 
 
 # ---------------------------------------------------------------- CLI
 
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run_all",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", type=Path, help="trained and exported run (runs/<name>); required unless --render-only")
-    p.add_argument("--docs", type=Path, default=DOCS, help="where the JSON inputs are and BENCHMARKS.md goes (default: docs)")
+    p.add_argument(
+        "--docs", type=Path, default=DOCS, help="where the JSON inputs are and BENCHMARKS.md goes (default: docs)"
+    )
     p.add_argument("--requests", type=int, default=200, help="timed requests per runtime / per serving-bench cell")
     p.add_argument("--warmup", type=int, default=10, help="untimed requests per runtime first")
-    p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: the libraries' default, all cores)")
+    p.add_argument(
+        "--threads", type=int, help="torch and ONNX Runtime threads (default: the libraries' default, all cores)"
+    )
     p.add_argument("--export-repeats", type=int, default=20, help="timed calls per export-bench cell")
-    p.add_argument("--extra-onnx", type=Path, nargs="*", default=[],
-                   help="more exports of RUN's checkpoint for the export bench (e.g. runs/default_w8a8/onnx)")
+    p.add_argument(
+        "--extra-onnx",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more exports of RUN's checkpoint for the export bench (e.g. runs/default_w8a8/onnx)",
+    )
     p.add_argument("--skip-runtimes", action="store_true", help="do not re-measure latency/accuracy per runtime")
     p.add_argument("--skip-export-bench", action="store_true", help="do not run benchmarks/export_bench.py")
-    p.add_argument("--skip-serving", action="store_true", help="no tritonserver: no Triton runtime, no serving_bench.py")
-    p.add_argument("--render-only", action="store_true", help="measure nothing; redraw BENCHMARKS.md and plots from docs/*.json")
+    p.add_argument(
+        "--skip-serving", action="store_true", help="no tritonserver: no Triton runtime, no serving_bench.py"
+    )
+    p.add_argument(
+        "--render-only", action="store_true", help="measure nothing; redraw BENCHMARKS.md and plots from docs/*.json"
+    )
     return p.parse_args(argv)
 
 
@@ -328,20 +484,48 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict = {}
     threads = ["--threads", str(a.threads)] if a.threads else []
     if not a.render_only and not a.skip_runtimes:
-        print("[bench] runtimes: PyTorch eager, ORT level 1 and 4" + ("" if a.skip_serving else ", Triton ensemble"), flush=True)
+        print(
+            "[bench] runtimes: PyTorch eager, ORT level 1 and 4" + ("" if a.skip_serving else ", Triton ensemble"),
+            flush=True,
+        )
         result = measure_runtimes(a.run, a.requests, a.warmup, a.threads, serve=not a.skip_serving)
         result["command"] = cmd
         (a.docs / RUNTIMES_JSON).write_text(json.dumps(result, indent=1) + "\n")
         steps["runtimes"] = {"status": "Measured in this run", "command": cmd}
     if not a.render_only and not a.skip_export_bench:
-        steps["export"] = run_step("export bench", ["-m", "benchmarks.export_bench", "--run", str(a.run), *threads,
-                                                    "--repeats", str(a.export_repeats), "--out-json", str(a.docs / "export_bench.json"),
-                                                    "--out-md", str(a.docs / "export_bench.md"),
-                                                    *(["--extra-onnx", *map(str, a.extra_onnx)] if a.extra_onnx else [])])
+        steps["export"] = run_step(
+            "export bench",
+            [
+                "-m",
+                "benchmarks.export_bench",
+                "--run",
+                str(a.run),
+                *threads,
+                "--repeats",
+                str(a.export_repeats),
+                "--out-json",
+                str(a.docs / "export_bench.json"),
+                "--out-md",
+                str(a.docs / "export_bench.md"),
+                *(["--extra-onnx", *map(str, a.extra_onnx)] if a.extra_onnx else []),
+            ],
+        )
     if not a.render_only and not a.skip_serving:
         ort = ["--ort-threads", str(a.threads)] if a.threads else []
-        steps["serving"] = run_step("serving bench", ["-m", "benchmarks.serving_bench", "--run", str(a.run), *ort,
-                                                      "--requests", str(a.requests), "--out-dir", str(a.docs)])
+        steps["serving"] = run_step(
+            "serving bench",
+            [
+                "-m",
+                "benchmarks.serving_bench",
+                "--run",
+                str(a.run),
+                *ort,
+                "--requests",
+                str(a.requests),
+                "--out-dir",
+                str(a.docs),
+            ],
+        )
     pngs = draw(a.docs, cmd)
     (a.docs / "BENCHMARKS.md").write_text(render(a.docs, cmd, steps))
     print(f"[bench] wrote {a.docs / 'BENCHMARKS.md'} and {', '.join(p.name for p in pngs) or 'no figures'}")

@@ -12,6 +12,7 @@ test split (onnx/heldout.jsonl or checkpoint/heldout.jsonl, written by `make tra
 The client threads share this Python process (and its GIL) with nothing else; at high concurrency
 they add some latency of their own to the Triton figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,13 +75,19 @@ def measure(call, n: int, concurrency: int) -> dict:
     with cf.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(timed, range(n)))
     wall = time.perf_counter() - t0
-    return {"requests": n, "concurrency": concurrency, "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
-            "p99_ms": 1e3 * float(np.percentile(latencies, 99)), "mean_ms": 1e3 * float(latencies.mean()),
-            "throughput_rps": n / wall}
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+        "mean_ms": 1e3 * float(latencies.mean()),
+        "throughput_rps": n / wall,
+    }
 
 
 def bench_pair(classify_inproc, make_client, task, texts, pairs, n, warmup, concurrency) -> dict:
     """In-process and served figures at one concurrency, plus their ratios."""
+
     def example(i):
         k = i % len(texts)
         return [texts[k]], None if pairs is None else [pairs[k]]
@@ -96,14 +103,28 @@ def bench_pair(classify_inproc, make_client, task, texts, pairs, n, warmup, conc
     inproc = measure(lambda i: classify_inproc(*example(i)), n, concurrency)
     measure(served, warmup, concurrency)
     triton = measure(served, n, concurrency)
-    return {"concurrency": concurrency, "in_process": inproc, "triton": triton,
-            "ratio_p50": triton["p50_ms"] / inproc["p50_ms"], "ratio_p99": triton["p99_ms"] / inproc["p99_ms"],
-            "ratio_throughput": triton["throughput_rps"] / inproc["throughput_rps"]}
+    return {
+        "concurrency": concurrency,
+        "in_process": inproc,
+        "triton": triton,
+        "ratio_p50": triton["p50_ms"] / inproc["p50_ms"],
+        "ratio_p99": triton["p99_ms"] / inproc["p99_ms"],
+        "ratio_throughput": triton["throughput_rps"] / inproc["throughput_rps"],
+    }
 
 
-def run_benchmark(run: str | Path, texts: list[str], pairs: list[str] | None, *, requests: int = 200, warmup: int = 10,
-                  concurrencies=(1, 16), protocol: str = "grpc", url: str | None = None,
-                  cfg: ServeConfig | None = None) -> dict:
+def run_benchmark(
+    run: str | Path,
+    texts: list[str],
+    pairs: list[str] | None,
+    *,
+    requests: int = 200,
+    warmup: int = 10,
+    concurrencies=(1, 16),
+    protocol: str = "grpc",
+    url: str | None = None,
+    cfg: ServeConfig | None = None,
+) -> dict:
     """Measure everything; start a server on free 127.0.0.1 ports unless `url` is given."""
     cfg = cfg or ServeConfig()
     reference = InProcessClassifier(run, threads=cfg.ort_threads, accuracy_level=cfg.accuracy_level)
@@ -113,31 +134,50 @@ def run_benchmark(run: str | Path, texts: list[str], pairs: list[str] | None, *,
         if url is None:
             repo = Path(tmp) / "model_repository"
             generate_repository([run], repo, cfg)
-            server = TritonServer(ServerOptions.on_free_ports(repository=repo, log_file=Path(tmp) / "tritonserver.log")).start()
+            server = TritonServer(
+                ServerOptions.on_free_ports(repository=repo, log_file=Path(tmp) / "tritonserver.log")
+            ).start()
             url = server.grpc_url if protocol == "grpc" else server.http_url
         try:
-            rows = [bench_pair(reference.classify, lambda: Client(url, protocol), task, texts, pairs, requests, warmup, c)
-                    for c in concurrencies]
+            rows = [
+                bench_pair(reference.classify, lambda: Client(url, protocol), task, texts, pairs, requests, warmup, c)
+                for c in concurrencies
+            ]
         finally:
             if server is not None:
                 server.stop()
-    return {"task": task, "run": str(run), "protocol": protocol, "examples": len(texts), "results": rows,
-            "serve_config": cfg.to_dict(), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                       "python": platform.python_version()}}
+    return {
+        "task": task,
+        "run": str(run),
+        "protocol": protocol,
+        "examples": len(texts),
+        "results": rows,
+        "serve_config": cfg.to_dict(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"# Serving benchmark: task `{result['task']}` ({result['run']})", "",
-             f"One example per request; {result['results'][0]['in_process']['requests']} requests per cell; "
-             f"Triton over {result['protocol']} on 127.0.0.1; {result['machine']['cpus']} CPUs "
-             f"({result['machine']['platform']}). Ratios are Triton / in-process from the same run.", "",
-             "| concurrency | path | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Serving benchmark: task `{result['task']}` ({result['run']})",
+        "",
+        f"One example per request; {result['results'][0]['in_process']['requests']} requests per cell; "
+        f"Triton over {result['protocol']} on 127.0.0.1; {result['machine']['cpus']} CPUs "
+        f"({result['machine']['platform']}). Ratios are Triton / in-process from the same run.",
+        "",
+        "| concurrency | path | p50 ms | p99 ms | req/s |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["results"]:
         for name in ("in_process", "triton"):
             m = r[name]
-            lines.append(f"| {r['concurrency']} | {name} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['throughput_rps']:.1f} |")
-        lines.append(f"| {r['concurrency']} | **ratio** | {r['ratio_p50']:.2f}x | {r['ratio_p99']:.2f}x | "
-                     f"{r['ratio_throughput']:.2f}x |")
+            lines.append(
+                f"| {r['concurrency']} | {name} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['throughput_rps']:.1f} |"
+            )
+        lines.append(
+            f"| {r['concurrency']} | **ratio** | {r['ratio_p50']:.2f}x | {r['ratio_p99']:.2f}x | "
+            f"{r['ratio_throughput']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -150,8 +190,12 @@ def write_report(result: dict, out_dir: Path, name: str = "serving_bench") -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving_bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving_bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", required=True, help="exported run (runs/<name>)")
     p.add_argument("--texts", help="examples file (.txt one per line, .csv/.jsonl with a text column)")
     p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
@@ -167,8 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests must be in [1, 100000]")
     texts, pairs, source = load_texts(Path(args.run), args.texts)
     cfg = ServeConfig(max_queue_delay_us=args.max_queue_delay_us, ort_threads=args.ort_threads)
-    result = run_benchmark(args.run, texts, pairs, requests=args.requests, warmup=args.warmup,
-                           concurrencies=tuple(args.concurrency), protocol=args.protocol, url=args.url, cfg=cfg)
+    result = run_benchmark(
+        args.run,
+        texts,
+        pairs,
+        requests=args.requests,
+        warmup=args.warmup,
+        concurrencies=tuple(args.concurrency),
+        protocol=args.protocol,
+        url=args.url,
+        cfg=cfg,
+    )
     result["texts"] = source
     print(to_markdown(result))
     for path in write_report(result, Path(args.out_dir)):

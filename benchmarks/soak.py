@@ -14,6 +14,7 @@ tritonserver resident memory before and after, and the supervisor's restarts, ar
 docs/serving_soak.json and docs/serving_soak.md. Timing figures are meaningless on a busy machine: the
 load average is recorded before each phase.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,19 @@ def start_server(run: Path, tmp: Path, extra: list[str]) -> tuple[subprocess.Pop
     """`python -m serving` on free ports; returns once its status file says ready."""
     ports = dict(zip(("http", "grpc", "metrics"), (free_port() for _ in range(3))))
     log = tmp / "tritonserver.log"
-    cmd = [sys.executable, "-m", "serving", "--runs", str(run), "--repository", str(tmp / "model_repository"),
-           "--log-file", str(log), *(f"--{k}-port={v}" for k, v in ports.items()), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--runs",
+        str(run),
+        "--repository",
+        str(tmp / "model_repository"),
+        "--log-file",
+        str(log),
+        *(f"--{k}-port={v}" for k, v in ports.items()),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=open(tmp / "serve.out", "wb"), stderr=subprocess.STDOUT)
     status = log.with_suffix(".status.json")
     deadline = time.monotonic() + 300
@@ -126,19 +138,36 @@ def drive(ports: dict, task: str, texts: list[str], n: int, concurrency: int) ->
 
 
 def summarize(results: list, wall_s: float, concurrency: int) -> dict:
-    out = {"requests": len(results), "concurrency": concurrency, "wall_s": round(wall_s, 2),
-           "throughput_rps": round(sum(r[0] == "ok" for r in results) / wall_s, 2)}
+    out = {
+        "requests": len(results),
+        "concurrency": concurrency,
+        "wall_s": round(wall_s, 2),
+        "throughput_rps": round(sum(r[0] == "ok" for r in results) / wall_s, 2),
+    }
     for kind in ("ok", "busy", "failed"):
         lat = np.array([r[1] for r in results if r[0] == kind])
-        out[kind] = {"count": int(lat.size)} | ({"p50_ms": round(1e3 * float(np.percentile(lat, 50)), 1),
-                                                 "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 1),
-                                                 "max_ms": round(1e3 * float(lat.max()), 1)} if lat.size else {})
+        out[kind] = {"count": int(lat.size)} | (
+            {
+                "p50_ms": round(1e3 * float(np.percentile(lat, 50)), 1),
+                "p99_ms": round(1e3 * float(np.percentile(lat, 99)), 1),
+                "max_ms": round(1e3 * float(lat.max()), 1),
+            }
+            if lat.size
+            else {}
+        )
     out["failures"] = sorted({r[2] for r in results if r[0] == "failed"})[:5]
     return out
 
 
-def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, overload_n: int, extra: list[str],
-        texts_file: str | None = None) -> dict:
+def run(
+    run_dir: Path,
+    n: int,
+    concurrency: int,
+    overload_concurrency: int,
+    overload_n: int,
+    extra: list[str],
+    texts_file: str | None = None,
+) -> dict:
     texts, _, source = load_texts(run_dir, texts_file)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         proc, ports, status_file = start_server(run_dir, Path(tmp), extra)
@@ -152,25 +181,44 @@ def run(run_dir: Path, n: int, concurrency: int, overload_concurrency: int, over
             mine = [proc.pid, os.getpid()]
             soak, soak_s, other1 = timed_phase(mine, lambda: drive(ports, task, texts, n, concurrency))
             rss_after, load2 = rss_mb(pid), os.getloadavg()[0]
-            over, over_s, other2 = timed_phase(mine, lambda: drive(ports, task, texts, overload_n, overload_concurrency))
+            over, over_s, other2 = timed_phase(
+                mine, lambda: drive(ports, task, texts, overload_n, overload_concurrency)
+            )
             rss_end, status = rss_mb(pid), json.loads(status_file.read_text())
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    mismatched = sum(1 for i, r in enumerate(soak) if r[0] == "ok" and texts[i % len(texts)] in expected
-                     and r[2] != expected[texts[i % len(texts)]])
+    mismatched = sum(
+        1
+        for i, r in enumerate(soak)
+        if r[0] == "ok" and texts[i % len(texts)] in expected and r[2] != expected[texts[i % len(texts)]]
+    )
     answered_max = max((r[1] for r in over if r[0] == "ok"), default=0.0)
     bound_ms = round(STAGES * cfg.queue_timeout_us / 1e3 + 1e3 * answered_max, 1)
-    return {"task": task, "run": str(run_dir), "texts": source, "serve_config": cfg.to_dict(),
-            "soak": summarize(soak, soak_s, concurrency) | {"label_mismatches": mismatched, "load_avg_before": load1,
-                                                           "other_processes_cores": round(other1, 2),
-                                                           "rss_mb_before": round(rss_before), "rss_mb_after": round(rss_after)},
-            "overload": summarize(over, over_s, overload_concurrency) | {"load_avg_before": load2, "rejection_bound_ms": bound_ms,
-                                                                         "rss_mb_after": round(rss_end),
-                                                                         "other_processes_cores": round(other2, 2)},
-            "restarts": status["restarts"], "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                                        "python": platform.python_version()},
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "task": task,
+        "run": str(run_dir),
+        "texts": source,
+        "serve_config": cfg.to_dict(),
+        "soak": summarize(soak, soak_s, concurrency)
+        | {
+            "label_mismatches": mismatched,
+            "load_avg_before": load1,
+            "other_processes_cores": round(other1, 2),
+            "rss_mb_before": round(rss_before),
+            "rss_mb_after": round(rss_after),
+        },
+        "overload": summarize(over, over_s, overload_concurrency)
+        | {
+            "load_avg_before": load2,
+            "rejection_bound_ms": bound_ms,
+            "rss_mb_after": round(rss_end),
+            "other_processes_cores": round(other2, 2),
+        },
+        "restarts": status["restarts"],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def verdict(r: dict) -> list[str]:
@@ -183,40 +231,56 @@ def verdict(r: dict) -> list[str]:
         problems.append(f"soak: {r['soak']['busy']['count']} rejected, {r['soak']['label_mismatches']} changed labels")
     busy = r["overload"]["busy"]
     if busy["count"] and busy["max_ms"] > r["overload"]["rejection_bound_ms"]:
-        problems.append(f"overload: a rejection took {busy['max_ms']} ms, over {r['overload']['rejection_bound_ms']} ms")
+        problems.append(
+            f"overload: a rejection took {busy['max_ms']} ms, over {r['overload']['rejection_bound_ms']} ms"
+        )
     if r["restarts"]:
         problems.append(f"{r['restarts']} restarts")
     return problems
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"# Soak and overload: task `{r['task']}` ({r['run']}), {r['date']}", "",
-             f"`python -m serving` (supervised, guarded HTTP; queue: {r['serve_config']['max_queue_size']} requests, "
-             f"{r['serve_config']['queue_timeout_us'] / 1e6:g} s per model) on 127.0.0.1; one held-out text per request, "
-             f"HTTP and gRPC alternating; {r['machine']['cpus']} CPUs ({r['machine']['platform']}). "
-             f"Command: `{r.get('command', 'python -m benchmarks.soak --run ' + r['run'])}`.", "",
-             "| phase | concurrency | requests | answered | rejected (busy) | failed | req/s | p50 ms | p99 ms | max ms | "
-             "other processes (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Soak and overload: task `{r['task']}` ({r['run']}), {r['date']}",
+        "",
+        f"`python -m serving` (supervised, guarded HTTP; queue: {r['serve_config']['max_queue_size']} requests, "
+        f"{r['serve_config']['queue_timeout_us'] / 1e6:g} s per model) on 127.0.0.1; one held-out text per request, "
+        f"HTTP and gRPC alternating; {r['machine']['cpus']} CPUs ({r['machine']['platform']}). "
+        f"Command: `{r.get('command', 'python -m benchmarks.soak --run ' + r['run'])}`.",
+        "",
+        "| phase | concurrency | requests | answered | rejected (busy) | failed | req/s | p50 ms | p99 ms | max ms | "
+        "other processes (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for phase in ("soak", "overload"):
         p = r[phase]
-        lines.append(f"| {phase} | {p['concurrency']} | {p['requests']} | {p['ok']['count']} | {p['busy']['count']} | "
-                     f"{p['failed']['count']} | {p['throughput_rps']} | {p['ok'].get('p50_ms', '-')} | "
-                     f"{p['ok'].get('p99_ms', '-')} | {p['ok'].get('max_ms', '-')} | {p['other_processes_cores']:.2f} |")
+        lines.append(
+            f"| {phase} | {p['concurrency']} | {p['requests']} | {p['ok']['count']} | {p['busy']['count']} | "
+            f"{p['failed']['count']} | {p['throughput_rps']} | {p['ok'].get('p50_ms', '-')} | "
+            f"{p['ok'].get('p99_ms', '-')} | {p['ok'].get('max_ms', '-')} | {p['other_processes_cores']:.2f} |"
+        )
     o, s = r["overload"], r["soak"]
-    lines += ["", f"- Soak: {s['label_mismatches']} labels differ from the same text's answer before the soak; "
-              f"tritonserver + stubs resident memory {s['rss_mb_before']} MiB before, {s['rss_mb_after']} MiB after, "
-              f"{o['rss_mb_after']} MiB after the overload.",
-              f"- Overload: rejections (busy) p50 {o['busy'].get('p50_ms', '-')} ms, max {o['busy'].get('max_ms', '-')} ms; "
-              f"bound {o['rejection_bound_ms']:g} ms (the queue timeout in each of 4 models + the slowest answered request).",
-              f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}.",
-              f"- Other processes used {o['other_processes_cores']:.2f} / {s['other_processes_cores']:.2f} cores on average "
-              f"during the overload / soak (of {r['machine']['cpus']}); above about 0.1 the timings are contended."]
+    lines += [
+        "",
+        f"- Soak: {s['label_mismatches']} labels differ from the same text's answer before the soak; "
+        f"tritonserver + stubs resident memory {s['rss_mb_before']} MiB before, {s['rss_mb_after']} MiB after, "
+        f"{o['rss_mb_after']} MiB after the overload.",
+        f"- Overload: rejections (busy) p50 {o['busy'].get('p50_ms', '-')} ms, max {o['busy'].get('max_ms', '-')} ms; "
+        f"bound {o['rejection_bound_ms']:g} ms (the queue timeout in each of 4 models + the slowest answered request).",
+        f"- Supervisor restarts: {r['restarts']}. Verdict: {'; '.join(verdict(r)) or 'pass'}.",
+        f"- Other processes used {o['other_processes_cores']:.2f} / {s['other_processes_cores']:.2f} cores on average "
+        f"during the overload / soak (of {r['machine']['cpus']}); above about 0.1 the timings are contended.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", required=True, help="exported run (runs/<name>)")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
@@ -230,8 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("requests", "overload_requests"):
         if not 1 <= getattr(args, name) <= 100_000:
             p.error(f"--{name.replace('_', '-')} must be in [1, 100000]")
-    result = run(Path(args.run), args.requests, args.concurrency, args.overload_concurrency, args.overload_requests,
-                 args.serve_args.split(), args.texts)
+    result = run(
+        Path(args.run),
+        args.requests,
+        args.concurrency,
+        args.overload_concurrency,
+        args.overload_requests,
+        args.serve_args.split(),
+        args.texts,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result["command"] = "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])

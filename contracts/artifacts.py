@@ -3,6 +3,7 @@
 Every stage writes into a temporary sibling directory, writes `manifest.json` last, then renames
 the directory into place. A crash leaves only a `.tmp-*` directory that no stage accepts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def write_manifest(directory: Path, kind: str, extra: dict | None = None) -> dict:
     """Hash every file under `directory` (recursively) into manifest.json."""
     directory = Path(directory)
-    files = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     manifest = {"kind": kind, "version": ARTIFACT_VERSION, "files": files, **(extra or {})}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -1,4 +1,5 @@
 """Machine, versions and date: stated next to every measured figure (regress, benchmarks, training)."""
+
 from __future__ import annotations
 
 import datetime
@@ -12,8 +13,10 @@ PACKAGES = ("torch", "onnxruntime", "onnx", "transformers", "numpy", "tritonclie
 
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-                platform.processor() or platform.machine())
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
 
 
 def package_versions(packages=PACKAGES) -> dict[str, str | None]:
@@ -28,6 +31,12 @@ def package_versions(packages=PACKAGES) -> dict[str, str | None]:
 
 def environment() -> dict:
     """Host, CPU, platform, Python, package versions and the UTC date."""
-    return {"host": platform.node(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": package_versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "host": platform.node(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": package_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }

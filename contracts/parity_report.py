@@ -4,6 +4,7 @@ A report is a tree of dataclasses serialised with `dataclasses.asdict`; `ExportR
 back and refuses a file of another format, so no reader walks a nested dict by string paths.
 The parity gate and why it has this shape: docs/METHOD.md, section 3, "The parity gate".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,7 @@ class ParityGate:
     min_label_agreement: float = 0.995
     max_metric_drop: float = 0.005  # the primary metric (accuracy, Pearson), absolute: 0.005 = half a point
 
-    def with_overrides(self, overrides: dict[str, float]) -> "ParityGate":
+    def with_overrides(self, overrides: dict[str, float]) -> ParityGate:
         """A copy with some limits replaced (`--accept key=value`); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)
@@ -177,7 +178,7 @@ class ExportReport:
         return Path(path)
 
     @classmethod
-    def load(cls, path: Path) -> "ExportReport":
+    def load(cls, path: Path) -> ExportReport:
         path = Path(path)
         if not path.is_file():
             raise ReportError(f"{path} is missing: re-run `make export`")
@@ -186,12 +187,13 @@ class ExportReport:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ReportError(f"{path} is not valid JSON ({e}); re-run `make export`") from None
         if not isinstance(raw, dict) or raw.get("format") != REPORT_FORMAT:
-            raise ReportError(f"{path} is not a format-{REPORT_FORMAT} export report; re-run `make export` "
-                              "with this version")
+            raise ReportError(
+                f"{path} is not a format-{REPORT_FORMAT} export report; re-run `make export` with this version"
+            )
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ExportReport":
+    def from_dict(cls, raw: dict) -> ExportReport:
         raw = dict(raw)
         raw["parity"] = {k: _parity_from_dict(v) for k, v in raw.get("parity", {}).items()}
         return cls(**raw)

@@ -1,5 +1,6 @@
 """Task names: a task is served as a Triton model named after it, so the rule for a valid name lives
 here, where training (which names a task from its data file before it starts) and serving both read it."""
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,9 @@ log = logging.getLogger(__name__)
 def check_task_name(task: str) -> str:
     """A task names a Triton model: letters, digits, `_`, `-`; not one of the component names."""
     if not _TASK_NAME.match(task):
-        raise ValueError(f"task name {task!r} is not a valid model name: use letters, digits, '_' or '-', starting with a letter")
+        raise ValueError(
+            f"task name {task!r} is not a valid model name: use letters, digits, '_' or '-', starting with a letter"
+        )
     if any(task == r or task.startswith(r) for r in _RESERVED):
         raise ValueError(f"task name {task!r} collides with the component models {list(_RESERVED)}; rename the task")
     return task
@@ -37,6 +40,11 @@ def task_name_from_file(path: str | Path) -> str:
     name = name[:64].rstrip("_-")
     check_task_name(name)
     if name != stem:
-        log.warning("data file %s: %r is not a valid task name (letters, digits, '_' or '-', starting with a letter, "
-                    "not a component name); the task is named %r", path, stem, name)
+        log.warning(
+            "data file %s: %r is not a valid task name (letters, digits, '_' or '-', starting with a letter, "
+            "not a component name); the task is named %r",
+            path,
+            stem,
+            name,
+        )
     return name

@@ -6,6 +6,7 @@ depth; a 503 while tritonserver is down) and a /v2/health/ready that is 200 only
 inference answered for every task as it first did (the readiness probe). tritonserver's own HTTP
 endpoint listens on 127.0.0.1 inside the pod, reachable only through this guard.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-host", default="0.0.0.0")
     p.add_argument("--listen-port", type=int, default=8000)
     p.add_argument("--upstream-port", type=int, default=8080, help="tritonserver's HTTP port on 127.0.0.1")
-    p.add_argument("--task", type=parse_task, action="append", required=True, help="a served task (ensemble); TASK:pair for text pairs")
+    p.add_argument(
+        "--task",
+        type=parse_task,
+        action="append",
+        required=True,
+        help="a served task (ensemble); TASK:pair for text pairs",
+    )
     p.add_argument("--canary-timeout", type=float, default=10.0)
     p.add_argument("--max-request-bytes", type=int, default=GuardLimits().max_body_bytes)
     p.add_argument("--max-json-depth", type=int, default=GuardLimits().max_json_depth)
-    p.add_argument("--drain-seconds", type=float, default=5.0, help="keep forwarding this long after SIGTERM (tritonserver drains)")
+    p.add_argument(
+        "--drain-seconds", type=float, default=5.0, help="keep forwarding this long after SIGTERM (tritonserver drains)"
+    )
     return p
 
 
@@ -73,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as e:
         log.error("%s", e)
         return 1
-    log.info("guard on %s:%d -> tritonserver %s:%d; tasks %s", args.listen_host, args.listen_port, *upstream,
-             ", ".join(name for name, _ in args.task))
+    log.info(
+        "guard on %s:%d -> tritonserver %s:%d; tasks %s",
+        args.listen_host,
+        args.listen_port,
+        *upstream,
+        ", ".join(name for name, _ in args.task),
+    )
     stop.wait()
-    log.info("stopping in %.1f s (tritonserver drains its requests meanwhile); guard rejections: %s",
-             args.drain_seconds, dict(guard.rejected))
+    log.info(
+        "stopping in %.1f s (tritonserver drains its requests meanwhile); guard rejections: %s",
+        args.drain_seconds,
+        dict(guard.rejected),
+    )
     time.sleep(args.drain_seconds)
     guard.stop()
     return 0

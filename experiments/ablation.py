@@ -9,6 +9,7 @@ data supports" section generated from the measured numbers only), DOCS/ablation.
 DOCS/ablation.png. Like `experiments.compare`, this parent never imports torch, so each child's
 peak RSS is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import ConfigError, load_config
+
 from .harness import run_training
 
-MP_ISMOE = ("train.method=mp_ismoe", "quant.enabled=true", "quant.bits=8", "quant.noise=learned",
-            "moe.enabled=true", "moe.prior=true", "moe.expert_types=null")
+MP_ISMOE = (
+    "train.method=mp_ismoe",
+    "quant.enabled=true",
+    "quant.bits=8",
+    "quant.noise=learned",
+    "moe.enabled=true",
+    "moe.prior=true",
+    "moe.expert_types=null",
+)
 
 
 @dataclass(frozen=True)
@@ -38,56 +47,125 @@ class Variant:
     overrides: tuple[str, ...]
 
 
-VARIANTS = {v.name: v for v in (
-    Variant("lst", "LST baseline: fp32 backbone, dense side FFN (no GNP-IQ, no ISMoE)",
-            ("train.method=lst", "quant.enabled=false", "moe.enabled=false")),
-    Variant("lst+gnp_iq", "+ GNP-IQ only: 8-bit backbone, learned noise; dense side FFN (ISMoE off)",
-            (*MP_ISMOE, "moe.enabled=false")),
-    Variant("lst+ismoe", "+ ISMoE only: fp32 backbone (GNP-IQ off); 4 FFN experts, top-2, [CLS] prior",
-            (*MP_ISMOE, "quant.enabled=false")),
-    Variant("mp_ismoe", "full MP-ISMoE: 8-bit weights + fp32 LayerNorm, learned noise, 4 FFN experts, prior",
-            MP_ISMOE),
-    Variant("weights_4bit", "backbone weights 4-bit, LayerNorm fp32 (our 'low'; the paper's 'low' is 8-bit "
-            "everywhere incl. LayerNorm, but we never quantize LayerNorm)", (*MP_ISMOE, "quant.bits=4")),
-    Variant("noise_fixed", "re-quantization noise fixed at its init (mu, rho not learned by SPSA)",
-            (*MP_ISMOE, "quant.noise=fixed")),
-    Variant("noise_none", "no re-quantization noise (static 8-bit codes, no GNP-IQ events)",
-            (*MP_ISMOE, "quant.noise=none")),
-    Variant("no_prior", "router without the salient-token prior (g = softmax(W x))", (*MP_ISMOE, "moe.prior=false")),
-    Variant("paper_routing", "the paper's routing, literally: identical expert copies, g' = (p + c) / 2 with "
-            "c from token 0 and random r", (*MP_ISMOE, "moe.upcycle=copy", "moe.prior_mode=average",
-                                            "moe.salient=cls", "moe.prior_init=random")),
-    Variant("upcycle_copy", "identical expert copies at upcycling (no symmetry breaking)",
-            (*MP_ISMOE, "moe.upcycle=copy")),
-    Variant("prior_average", "the paper's prior: g' = (p + c) / 2 instead of cos(h, r) / T in the logits",
-            (*MP_ISMOE, "moe.prior_mode=average")),
-    Variant("hetero_lowrank_xattn", "heterogeneous experts: 2 ffn + 1 lowrank + 1 cross_attn",
-            (*MP_ISMOE, "moe.expert_types=[ffn, ffn, lowrank, cross_attn]")),
-    Variant("hetero_all_types", "heterogeneous experts: ffn + lowrank + cross_attn + channel_attn",
-            (*MP_ISMOE, "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]")),
-)}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(
+            "lst",
+            "LST baseline: fp32 backbone, dense side FFN (no GNP-IQ, no ISMoE)",
+            ("train.method=lst", "quant.enabled=false", "moe.enabled=false"),
+        ),
+        Variant(
+            "lst+gnp_iq",
+            "+ GNP-IQ only: 8-bit backbone, learned noise; dense side FFN (ISMoE off)",
+            (*MP_ISMOE, "moe.enabled=false"),
+        ),
+        Variant(
+            "lst+ismoe",
+            "+ ISMoE only: fp32 backbone (GNP-IQ off); 4 FFN experts, top-2, [CLS] prior",
+            (*MP_ISMOE, "quant.enabled=false"),
+        ),
+        Variant(
+            "mp_ismoe", "full MP-ISMoE: 8-bit weights + fp32 LayerNorm, learned noise, 4 FFN experts, prior", MP_ISMOE
+        ),
+        Variant(
+            "weights_4bit",
+            "backbone weights 4-bit, LayerNorm fp32 (our 'low'; the paper's 'low' is 8-bit "
+            "everywhere incl. LayerNorm, but we never quantize LayerNorm)",
+            (*MP_ISMOE, "quant.bits=4"),
+        ),
+        Variant(
+            "noise_fixed",
+            "re-quantization noise fixed at its init (mu, rho not learned by SPSA)",
+            (*MP_ISMOE, "quant.noise=fixed"),
+        ),
+        Variant(
+            "noise_none",
+            "no re-quantization noise (static 8-bit codes, no GNP-IQ events)",
+            (*MP_ISMOE, "quant.noise=none"),
+        ),
+        Variant(
+            "no_prior", "router without the salient-token prior (g = softmax(W x))", (*MP_ISMOE, "moe.prior=false")
+        ),
+        Variant(
+            "paper_routing",
+            "the paper's routing, literally: identical expert copies, g' = (p + c) / 2 with "
+            "c from token 0 and random r",
+            (*MP_ISMOE, "moe.upcycle=copy", "moe.prior_mode=average", "moe.salient=cls", "moe.prior_init=random"),
+        ),
+        Variant(
+            "upcycle_copy",
+            "identical expert copies at upcycling (no symmetry breaking)",
+            (*MP_ISMOE, "moe.upcycle=copy"),
+        ),
+        Variant(
+            "prior_average",
+            "the paper's prior: g' = (p + c) / 2 instead of cos(h, r) / T in the logits",
+            (*MP_ISMOE, "moe.prior_mode=average"),
+        ),
+        Variant(
+            "hetero_lowrank_xattn",
+            "heterogeneous experts: 2 ffn + 1 lowrank + 1 cross_attn",
+            (*MP_ISMOE, "moe.expert_types=[ffn, ffn, lowrank, cross_attn]"),
+        ),
+        Variant(
+            "hetero_all_types",
+            "heterogeneous experts: ffn + lowrank + cross_attn + channel_attn",
+            (*MP_ISMOE, "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]"),
+        ),
+    )
+}
 
 # (title, [(variant, row label)]); the first row of each table is the reference the others are compared to.
 TABLES = [
-    ("Components (paper Table 3)", [("lst", "LST"), ("lst+gnp_iq", "+ GNP-IQ"), ("lst+ismoe", "+ ISMoE"),
-                                    ("mp_ismoe", "+ GNP-IQ + ISMoE (MP-ISMoE)")]),
-    ("Backbone weight precision (paper Table 4)", [("mp_ismoe", "mixed: 8-bit weights, fp32 LN"),
-                                                  ("lst+ismoe", "full: fp32 weights"),
-                                                  ("weights_4bit", "low: 4-bit weights, fp32 LN")]),
+    (
+        "Components (paper Table 3)",
+        [
+            ("lst", "LST"),
+            ("lst+gnp_iq", "+ GNP-IQ"),
+            ("lst+ismoe", "+ ISMoE"),
+            ("mp_ismoe", "+ GNP-IQ + ISMoE (MP-ISMoE)"),
+        ],
+    ),
+    (
+        "Backbone weight precision (paper Table 4)",
+        [
+            ("mp_ismoe", "mixed: 8-bit weights, fp32 LN"),
+            ("lst+ismoe", "full: fp32 weights"),
+            ("weights_4bit", "low: 4-bit weights, fp32 LN"),
+        ],
+    ),
     ("GNP-IQ noise", [("mp_ismoe", "learned (SPSA)"), ("noise_fixed", "fixed"), ("noise_none", "none")]),
-    ("ISMoE routing prior", [("mp_ismoe", "with prior (logits mode, k-means r)"), ("no_prior", "without prior"),
-                             ("prior_average", "paper's averaged prior"), ("upcycle_copy", "identical expert copies"),
-                             ("paper_routing", "the paper's routing, literally")]),
-    ("Expert types (HMMoE)", [("mp_ismoe", "homogeneous: 4 ffn"), ("hetero_lowrank_xattn", "2 ffn + lowrank + cross_attn"),
-                              ("hetero_all_types", "ffn + lowrank + cross_attn + channel_attn")]),
+    (
+        "ISMoE routing prior",
+        [
+            ("mp_ismoe", "with prior (logits mode, k-means r)"),
+            ("no_prior", "without prior"),
+            ("prior_average", "paper's averaged prior"),
+            ("upcycle_copy", "identical expert copies"),
+            ("paper_routing", "the paper's routing, literally"),
+        ],
+    ),
+    (
+        "Expert types (HMMoE)",
+        [
+            ("mp_ismoe", "homogeneous: 4 ffn"),
+            ("hetero_lowrank_xattn", "2 ffn + lowrank + cross_attn"),
+            ("hetero_all_types", "ffn + lowrank + cross_attn + channel_attn"),
+        ],
+    ),
 ]
-EPILOG = "variants:\n" + "\n".join(f"  {v.name:22s} {v.what}" for v in VARIANTS.values()) + """
+EPILOG = (
+    "variants:\n"
+    + "\n".join(f"  {v.name:22s} {v.what}" for v in VARIANTS.values())
+    + """
 
 examples:
   PYTHONPATH=. python -m experiments.ablation --config configs/ablation.yaml --device cuda \\
       --set backbone.name=/path/to/all-MiniLM-L6-v2
   python -m experiments.ablation --only lst mp_ismoe --seeds 0 --set train.max_steps=20
 """
+)
 
 
 def collect_one(cmd: list[str], out: Path) -> dict:
@@ -110,11 +188,18 @@ def summarize(runs: list[dict]) -> dict:
         return {"n": 0}
     acc_mean, acc_std = _mean_std([m["test_accuracy"] for m in ok])
     steps = [m["step_time_s_median"] for m in ok if m["step_time_s_median"] is not None]
-    return {"n": len(ok), "test_accuracy_mean": acc_mean, "test_accuracy_std": acc_std,
-            "test_accuracy": [m["test_accuracy"] for m in ok], "trainable_parameters": ok[0]["trainable_parameters"],
-            "peak_memory_gib": statistics.fmean(m["peak_memory_gib"] for m in ok),
-            "peak_memory_kind": ok[0]["peak_memory_kind"], "backbone_bytes_ratio": ok[0]["backbone_bytes_ratio"],
-            "step_time_ms": 1000 * statistics.fmean(steps) if steps else None, "device": ok[0]["device"]}
+    return {
+        "n": len(ok),
+        "test_accuracy_mean": acc_mean,
+        "test_accuracy_std": acc_std,
+        "test_accuracy": [m["test_accuracy"] for m in ok],
+        "trainable_parameters": ok[0]["trainable_parameters"],
+        "peak_memory_gib": statistics.fmean(m["peak_memory_gib"] for m in ok),
+        "peak_memory_kind": ok[0]["peak_memory_kind"],
+        "backbone_bytes_ratio": ok[0]["backbone_bytes_ratio"],
+        "step_time_ms": 1000 * statistics.fmean(steps) if steps else None,
+        "device": ok[0]["device"],
+    }
 
 
 def _fmt_row(label: str, v: Variant, s: dict, failed: int) -> str:
@@ -122,9 +207,11 @@ def _fmt_row(label: str, v: Variant, s: dict, failed: int) -> str:
         return f"| {label} | {v.what} | FAILED | | | | |"
     extra = f" ({failed} seed(s) failed)" if failed else ""
     step = f"{s['step_time_ms']:.1f}" if s["step_time_ms"] is not None else "n/a"
-    return (f"| {label} | {v.what} | {100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} "
-            f"(n={s['n']}){extra} | {s['trainable_parameters']:,} | {s['peak_memory_gib']:.3f} | {step} "
-            f"| {s['backbone_bytes_ratio']:.3f} |")
+    return (
+        f"| {label} | {v.what} | {100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} "
+        f"(n={s['n']}){extra} | {s['trainable_parameters']:,} | {s['peak_memory_gib']:.3f} | {step} "
+        f"| {s['backbone_bytes_ratio']:.3f} |"
+    )
 
 
 def findings(report: dict) -> list[str]:
@@ -150,21 +237,31 @@ def findings(report: dict) -> list[str]:
             else:
                 verdict = f"within seed noise (SE {se:.2f}): our data does not separate them"
             mem = s["peak_memory_gib"] / ref["peak_memory_gib"] if ref["peak_memory_gib"] else float("nan")
-            step = (s["step_time_ms"] / ref["step_time_ms"]) if s["step_time_ms"] and ref["step_time_ms"] else float("nan")
-            out.append(f"- {title}: {label} vs {ref_label}: {delta:+.2f} accuracy points, {verdict}; "
-                       f"peak memory x{mem:.2f}, step time x{step:.2f}, trainable parameters "
-                       f"{s['trainable_parameters']:,} vs {ref['trainable_parameters']:,}.")
+            step = (
+                (s["step_time_ms"] / ref["step_time_ms"]) if s["step_time_ms"] and ref["step_time_ms"] else float("nan")
+            )
+            out.append(
+                f"- {title}: {label} vs {ref_label}: {delta:+.2f} accuracy points, {verdict}; "
+                f"peak memory x{mem:.2f}, step time x{step:.2f}, trainable parameters "
+                f"{s['trainable_parameters']:,} vs {ref['trainable_parameters']:,}."
+            )
     return out
 
 
 def render_markdown(report: dict) -> str:
     b, lines = report["budget"], []
-    lines += ["# MP-ISMoE ablation (the structure of the paper's Tables 3 and 4, on our data)", "",
-              f"Generated by `experiments/ablation.py` on {report['date']}; device {', '.join(report['devices']) or 'n/a'}; "
-              f"seeds {report['seeds']}. Accuracy is test accuracy in %, mean ± sample std over seeds; every variant "
-              "used the same split, seeds and budget, one subprocess per run.", ""]
-    header = ("| variant | what changes | test accuracy (%) | trainable params | peak memory (GiB) "
-              "| step time (ms, median) | backbone bytes ratio |")
+    lines += [
+        "# MP-ISMoE ablation (the structure of the paper's Tables 3 and 4, on our data)",
+        "",
+        f"Generated by `experiments/ablation.py` on {report['date']}; device {', '.join(report['devices']) or 'n/a'}; "
+        f"seeds {report['seeds']}. Accuracy is test accuracy in %, mean ± sample std over seeds; every variant "
+        "used the same split, seeds and budget, one subprocess per run.",
+        "",
+    ]
+    header = (
+        "| variant | what changes | test accuracy (%) | trainable params | peak memory (GiB) "
+        "| step time (ms, median) | backbone bytes ratio |"
+    )
     for title, rows in report["tables"]:
         lines += [f"## {title}", "", header, "|---|---|---|---|---|---|---|"]
         for name, label in rows:
@@ -172,26 +269,38 @@ def render_markdown(report: dict) -> str:
             failed = sum(r["status"] != "ok" for r in entry["runs"])
             lines.append(_fmt_row(label, v, entry["summary"], failed))
         lines.append("")
-    lines += ["## What our data supports", "",
-              "Generated from the numbers above only. A difference is called real only when it exceeds two standard "
-              "errors of the difference of the seed means; otherwise it is seed noise at this budget.", "",
-              *findings(report), "",
-              "## Budget and command", "",
-              f"- backbone `{b['backbone']}`, dataset `{b['dataset']}` ({b['max_examples'] or 'all'} examples, "
-              f"split seed {b['split_seed']}), epochs {b['epochs']}, max_steps {b['max_steps']}, batch size "
-              f"{b['batch_size']}, lr {b['lr']:g}, max length {b['max_length']}",
-              f"- peak memory kind: {', '.join(report['memory_kinds']) or 'n/a'} (`cpu_peak_rss` is the whole training "
-              "process; `cuda_max_memory_allocated` is PyTorch's peak GPU allocation after setup)",
-              f"- machine: {report['machine']}; harness wall time {report['wall_s'] / 60:.1f} min", "",
-              "```", report["command"], "```", ""]
+    lines += [
+        "## What our data supports",
+        "",
+        "Generated from the numbers above only. A difference is called real only when it exceeds two standard "
+        "errors of the difference of the seed means; otherwise it is seed noise at this budget.",
+        "",
+        *findings(report),
+        "",
+        "## Budget and command",
+        "",
+        f"- backbone `{b['backbone']}`, dataset `{b['dataset']}` ({b['max_examples'] or 'all'} examples, "
+        f"split seed {b['split_seed']}), epochs {b['epochs']}, max_steps {b['max_steps']}, batch size "
+        f"{b['batch_size']}, lr {b['lr']:g}, max length {b['max_length']}",
+        f"- peak memory kind: {', '.join(report['memory_kinds']) or 'n/a'} (`cpu_peak_rss` is the whole training "
+        "process; `cuda_max_memory_allocated` is PyTorch's peak GPU allocation after setup)",
+        f"- machine: {report['machine']}; harness wall time {report['wall_s'] / 60:.1f} min",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def plot(report: dict, png: Path) -> None:
     """One panel per table: accuracy mean ± std bars."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     tables = report["tables"]
     fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables) + 1, 4.2), sharey=True, squeeze=False)
     for ax, (title, rows) in zip(axes[0], tables):
@@ -213,19 +322,32 @@ def plot(report: dict, png: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.ablation",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, default=Path("configs/ablation.yaml"), help="base YAML config")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME", help="run only these variants")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every run, before the variant's own (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to every run, before the variant's own (repeatable)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="train.device for every run")
     p.add_argument("--out-dir", type=Path, default=Path("runs/ablation"), help="runs go to OUT_DIR/<variant>/seed<s>")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="where ablation.md/.json/.png go")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
-    p.add_argument("--collect", action="store_true",
-                   help="train nothing: aggregate the runs already under OUT_DIR (e.g. run in parallel elsewhere)")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: aggregate the runs already under OUT_DIR (e.g. run in parallel elsewhere)",
+    )
     p.add_argument("--machine", default=None, help="machine description for the report (default: this host)")
     return p.parse_args(argv)
 
@@ -254,19 +376,39 @@ def main(argv=None) -> int:
     t0, results = time.perf_counter(), {n: [] for n in names}
     for i, ((name, seed), overrides) in enumerate(runs.items(), 1):
         out = args.out_dir / name / f"seed{seed}"
-        cmd = [sys.executable, "-m", "training", "--config", str(args.config), "--out", str(out),
-               *[a for o in overrides for a in ("--set", o)], "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training",
+            "--config",
+            str(args.config),
+            "--out",
+            str(out),
+            *[a for o in overrides for a in ("--set", o)],
+            "--no-progress",
+        ]
         if args.collect:
             results[name].append({"seed": seed, **collect_one(cmd, out)})
             continue
         print(f"[ablation] {i}/{len(runs)} {name} seed {seed}: log in {out / 'ablation.log'}", flush=True)
         r = run_training(cmd, out, f"{name} seed {seed}", "ablation.log", echo="[train] test accuracy")
-        print(f"[ablation] {name} seed {seed}: " + (f"test acc {r['metrics']['test_accuracy']:.4f}"
-              if r["status"] == "ok" else f"FAILED: {r['error']}") + f" ({r['wall_s']:.0f} s)", flush=True)
+        print(
+            f"[ablation] {name} seed {seed}: "
+            + (f"test acc {r['metrics']['test_accuracy']:.4f}" if r["status"] == "ok" else f"FAILED: {r['error']}")
+            + f" ({r['wall_s']:.0f} s)",
+            flush=True,
+        )
         results[name].append({"seed": seed, **r})
     tables = [(t, [(n, lbl) for n, lbl in rows if n in results]) for t, rows in TABLES]
-    variants = {n: {"what": VARIANTS[n].what, "overrides": list(VARIANTS[n].overrides), "runs": results[n],
-                    "summary": summarize(results[n])} for n in names}
+    variants = {
+        n: {
+            "what": VARIANTS[n].what,
+            "overrides": list(VARIANTS[n].overrides),
+            "runs": results[n],
+            "summary": summarize(results[n]),
+        }
+        for n in names
+    }
     ok = [r["metrics"] for rs in results.values() for r in rs if r["status"] == "ok"]
     t, d = cfg.train, cfg.data
     report = {
@@ -274,20 +416,34 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": args.machine or f"{platform.node()} {platform.platform()}, {os.cpu_count()} CPUs",
         "wall_s": time.perf_counter() - t0,
-        "seeds": args.seeds, "common_overrides": args.overrides, "devices": sorted({m["device"] for m in ok}),
+        "seeds": args.seeds,
+        "common_overrides": args.overrides,
+        "devices": sorted({m["device"] for m in ok}),
         "memory_kinds": sorted({m["peak_memory_kind"] for m in ok}),
-        "budget": {"backbone": cfg.backbone.name, "dataset": d.dataset, "max_examples": d.max_examples,
-                   "split_seed": d.split_seed, "epochs": t.epochs, "max_steps": t.max_steps,
-                   "batch_size": t.batch_size, "lr": t.lr, "max_length": cfg.backbone.max_length},
+        "budget": {
+            "backbone": cfg.backbone.name,
+            "dataset": d.dataset,
+            "max_examples": d.max_examples,
+            "split_seed": d.split_seed,
+            "epochs": t.epochs,
+            "max_steps": t.max_steps,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "max_length": cfg.backbone.max_length,
+        },
         "tables": [(title, rows) for title, rows in tables if len(rows) > 1] or [(t, r) for t, r in tables if r],
-        "variants": variants}
+        "variants": variants,
+    }
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.docs / "ablation.md").write_text(render_markdown(report))
     plot(report, args.docs / "ablation.png")
     failed = [f"{n}/seed{r['seed']}" for n, rs in results.items() for r in rs if r["status"] != "ok"]
-    print(f"[ablation] wrote {args.docs}/ablation.md, .json, .png in {report['wall_s'] / 60:.1f} min"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"[ablation] wrote {args.docs}/ablation.md, .json, .png in {report['wall_s'] / 60:.1f} min"
+        + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -10,6 +10,7 @@ results, so an interrupted comparison resumes. Writes DOCS/compare.{json,md,png}
 The parent never imports torch: Linux carries a parent's RSS high-water mark into the child's
 ru_maxrss across fork + exec, so a heavy parent would inflate every child's peak-memory figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,27 +24,38 @@ from pathlib import Path
 from training.config import METHOD_PRESETS, METHODS, ConfigError, load_config
 
 from .harness import ROOT, run_training
-from .report import render_markdown, plot
+from .report import plot, render_markdown
 from .tasks import TASKS, metric_value
 
-NAMES = {"linear_probe": "linear probe", "full_ft": "full FT", "lora": "LoRA", "bitfit": "BitFit", "lst": "LST",
-         "mp_ismoe": "MP-ISMoE"}
+NAMES = {
+    "linear_probe": "linear probe",
+    "full_ft": "full FT",
+    "lora": "LoRA",
+    "bitfit": "BitFit",
+    "lst": "LST",
+    "mp_ismoe": "MP-ISMoE",
+}
 # Learning-rate grids per method (AdamW, warmup + linear decay): the usual range of each, three points.
 LR_GRID = {
     "linear_probe": (1e-3, 3e-3, 1e-2),  # a head on frozen features
     "full_ft": (2e-5, 5e-5, 1e-4),  # BERT-style fine-tuning rates
     "lora": (2e-4, 5e-4, 1e-3),  # low-rank deltas start at zero and need a larger step
     "bitfit": (3e-4, 1e-3, 3e-3),  # biases only
-    "lst": (5e-4, 1e-3, 3e-3), "mp_ismoe": (5e-4, 1e-3, 3e-3),  # side networks from a pruned init
+    "lst": (5e-4, 1e-3, 3e-3),
+    "mp_ismoe": (5e-4, 1e-3, 3e-3),  # side networks from a pruned init
 }
-EPILOG = """examples:
+EPILOG = (
+    """examples:
   python -m experiments.compare --tasks rotten_tomatoes bbc_news --seeds 0 1 2 3 4 \\
       --set data.max_examples=3000 --set train.epochs=3 --set train.threads=2
   python -m experiments.compare --methods lst mp_ismoe --lr mp_ismoe=1e-3 --seeds 0 1   # no tuning for mp_ismoe
   python -m experiments.compare ... --collect      # only re-render from the runs already on disk
 
 learning-rate grids (tuned on validation at the first seed; --lr METHOD=LR fixes one):
-  """ + "\n  ".join(f"{m:<13} {', '.join(f'{lr:g}' for lr in grid)}" for m, grid in LR_GRID.items()) + "\n"
+  """
+    + "\n  ".join(f"{m:<13} {', '.join(f'{lr:g}' for lr in grid)}" for m, grid in LR_GRID.items())
+    + "\n"
+)
 
 
 def method_overrides(method: str, lr: float) -> list[str]:
@@ -58,9 +70,17 @@ def run_dir(args, task: str, method: str, lr: float, seed: int) -> Path:
 
 def command(args, task: str, method: str, lr: float, seed: int) -> list[str]:
     sets = [*TASKS[task].overrides, *method_overrides(method, lr), f"train.seed={seed}", *args.overrides]
-    return [sys.executable, "-m", "training", "--config", str(args.config),
-            "--out", str(run_dir(args, task, method, lr, seed)), *[a for o in sets for a in ("--set", o)],
-            "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "training",
+        "--config",
+        str(args.config),
+        "--out",
+        str(run_dir(args, task, method, lr, seed)),
+        *[a for o in sets for a in ("--set", o)],
+        "--no-progress",
+    ]
 
 
 def train(args, task: str, method: str, lr: float, seed: int) -> dict:
@@ -84,10 +104,16 @@ def figures(task: str, r: dict) -> dict:
     if r["status"] != "ok":
         return {"status": r["status"], "error": r.get("error")}
     m, metric = r["metrics"], TASKS[task].metric
-    return {"status": "ok", "test": metric_value(m, metric, "test"), "val": metric_value(m, metric, "val"),
-            "peak_memory_gib": m["peak_memory_gib"], "peak_memory_kind": m["peak_memory_kind"],
-            "step_time_s": m["step_time_s_median"], "trainable_parameters": m["trainable_parameters"],
-            "train_time_s": m.get("train_time_s")}
+    return {
+        "status": "ok",
+        "test": metric_value(m, metric, "test"),
+        "val": metric_value(m, metric, "val"),
+        "peak_memory_gib": m["peak_memory_gib"],
+        "peak_memory_kind": m["peak_memory_kind"],
+        "step_time_s": m["step_time_s_median"],
+        "trainable_parameters": m["trainable_parameters"],
+        "train_time_s": m.get("train_time_s"),
+    }
 
 
 def compare_method(args, task: str, method: str) -> dict:
@@ -104,15 +130,24 @@ def compare_method(args, task: str, method: str) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1] + "\n" + EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1] + "\n" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml", help="base run config")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(NAMES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run, after the task's and the method's (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, after the task's and the method's (repeatable)",
+    )
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="fix one method's rate (no tuning)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="runs: OUT/<task>/<method>/lr<x>/seed<s>")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="where the report goes")
@@ -145,18 +180,36 @@ def main(argv=None) -> int:
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     results = {task: {m: compare_method(args, task, m) for m in args.methods} for task in args.tasks}
-    report = {"command": "python -m experiments.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "environment": environment(), "load": [load0, os.getloadavg()[0]], "wall_s": time.perf_counter() - t0,
-              "seeds": args.seeds, "common_overrides": args.overrides, "notes": args.note, "names": NAMES,
-              "tasks": {t: {"what": TASKS[t].what, "metric": TASKS[t].metric, "overrides": list(TASKS[t].overrides),
-                            "methods": results[t]} for t in args.tasks}}
+    report = {
+        "command": "python -m experiments.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(),
+        "load": [load0, os.getloadavg()[0]],
+        "wall_s": time.perf_counter() - t0,
+        "seeds": args.seeds,
+        "common_overrides": args.overrides,
+        "notes": args.note,
+        "names": NAMES,
+        "tasks": {
+            t: {
+                "what": TASKS[t].what,
+                "metric": TASKS[t].metric,
+                "overrides": list(TASKS[t].overrides),
+                "methods": results[t],
+            }
+            for t in args.tasks
+        },
+    }
     args.docs.mkdir(parents=True, exist_ok=True)
     out = args.docs / args.report_name
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(render_markdown(report))
     plot(report, out.with_suffix(".png"))
-    missing = [f"{t}/{m}" for t, ms in results.items() for m, r in ms.items()
-               if any(f["status"] != "ok" for f in r["runs"].values()) or not r["runs"]]
+    missing = [
+        f"{t}/{m}"
+        for t, ms in results.items()
+        for m, r in ms.items()
+        if any(f["status"] != "ok" for f in r["runs"].values()) or not r["runs"]
+    ]
     print(f"[compare] wrote {out}.md, .json, .png" + (f"; incomplete: {', '.join(missing)}" if missing else ""))
     return 1 if missing else 0
 

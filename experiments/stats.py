@@ -4,6 +4,7 @@ Every method of a comparison trains with the same seeds, split and data order pe
 difference between two methods is taken seed by seed (paired): the seed-to-seed variation both
 share cancels, which a comparison of two means would count twice.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,38 @@ import statistics
 from dataclasses import dataclass
 
 # Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..30 (standard table values).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t975(df: int) -> float:

@@ -4,6 +4,7 @@ The export stage writes `onnx/io_spec.json` from `build_io_spec`; the serving st
 with `load_io_spec` and never restates a name or shape. A dimension of -1 is dynamic; the first
 dimension of every model tensor is the batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ IO_SPEC_FILE = "io_spec.json"
 IO_SPEC_VERSION = 1
 
 # Triton's data_type names for the numpy dtype names used here.
-TRITON_DTYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32",
-                 "float16": "TYPE_FP16", "bytes": "TYPE_STRING"}
+TRITON_DTYPES = {
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "bytes": "TYPE_STRING",
+}
 
 
 AXES = ("batch", "sequence")  # the named dynamic axes; every other dimension is static
@@ -30,8 +36,11 @@ class TensorSpec:
 
     def __post_init__(self):
         if not self.axes:  # specs written before axes were named: batch first, every other -1 a sequence
-            object.__setattr__(self, "axes", tuple(("batch" if i == 0 else "sequence") if d == -1 else None
-                                                   for i, d in enumerate(self.shape)))
+            object.__setattr__(
+                self,
+                "axes",
+                tuple(("batch" if i == 0 else "sequence") if d == -1 else None for i, d in enumerate(self.shape)),
+            )
         if len(self.axes) != len(self.shape) or any((a is None) != (d != -1) for a, d in zip(self.axes, self.shape)):
             raise ValueError(f"{self.name}: axes {self.axes} must name exactly the -1 dims of {self.shape}")
         if any(a is not None and a not in AXES for a in self.axes):
@@ -109,16 +118,39 @@ def adapter_io(hidden_size: int, num_taps: int, num_labels: int) -> ModelIO:
     )
 
 
-def build_io_spec(task: str, labels, text_pair: bool, max_length: int, hidden_size: int,
-                  num_taps: int, has_token_type_ids: bool, precision: str, *, vocab_size: int | None = None,
-                  type_vocab_size: int | None = None, max_positions: int | None = None,
-                  task_type: str = "classification", profile: dict | None = None) -> IOSpec:
-    return IOSpec(task=task, labels=tuple(labels), text_pair=text_pair, max_length=max_length,
-                  hidden_size=hidden_size, num_taps=num_taps, has_token_type_ids=has_token_type_ids,
-                  precision=precision, backbone=backbone_io(hidden_size, num_taps, has_token_type_ids),
-                  adapter=adapter_io(hidden_size, num_taps, len(labels)), vocab_size=vocab_size,
-                  type_vocab_size=type_vocab_size, max_positions=max_positions, task_type=task_type,
-                  profile=dict(profile or {}))
+def build_io_spec(
+    task: str,
+    labels,
+    text_pair: bool,
+    max_length: int,
+    hidden_size: int,
+    num_taps: int,
+    has_token_type_ids: bool,
+    precision: str,
+    *,
+    vocab_size: int | None = None,
+    type_vocab_size: int | None = None,
+    max_positions: int | None = None,
+    task_type: str = "classification",
+    profile: dict | None = None,
+) -> IOSpec:
+    return IOSpec(
+        task=task,
+        labels=tuple(labels),
+        text_pair=text_pair,
+        max_length=max_length,
+        hidden_size=hidden_size,
+        num_taps=num_taps,
+        has_token_type_ids=has_token_type_ids,
+        precision=precision,
+        backbone=backbone_io(hidden_size, num_taps, has_token_type_ids),
+        adapter=adapter_io(hidden_size, num_taps, len(labels)),
+        vocab_size=vocab_size,
+        type_vocab_size=type_vocab_size,
+        max_positions=max_positions,
+        task_type=task_type,
+        profile=dict(profile or {}),
+    )
 
 
 def save_io_spec(spec: IOSpec, directory: str | Path) -> Path:
@@ -130,6 +162,7 @@ def save_io_spec(spec: IOSpec, directory: str | Path) -> Path:
 def _model_io(d: dict) -> ModelIO:
     def tensors(items):
         return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), tuple(t.get("axes") or ())) for t in items)
+
     return ModelIO(inputs=tensors(d["inputs"]), outputs=tensors(d["outputs"]))
 
 
@@ -140,7 +173,9 @@ def load_io_spec(directory: str | Path) -> IOSpec:
         raise FileNotFoundError(f"{path} is missing: run `make export RUN=...` to produce the ONNX artifacts first")
     d = json.loads(path.read_text())
     if d.get("format_version") != IO_SPEC_VERSION:
-        raise ValueError(f"{path}: format_version {d.get('format_version')} != {IO_SPEC_VERSION}; re-export with this version")
+        raise ValueError(
+            f"{path}: format_version {d.get('format_version')} != {IO_SPEC_VERSION}; re-export with this version"
+        )
     d["backbone"], d["adapter"] = _model_io(d["backbone"]), _model_io(d["adapter"])
     d["labels"] = tuple(d["labels"])
     return IOSpec(**d)

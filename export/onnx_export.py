@@ -4,6 +4,7 @@ Each function takes a model (or a path) and writes one artifact, so each step ru
 alone. The torch.onnx dynamo exporter is used; quantized weights become DequantizeLinear nodes
 through `export.qdq` (torch.onnx.ops.symbolic), never a float copy of the weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,10 @@ class AdapterGraph(nn.Module):
 
 def dynamic_shapes(io: ModelIO) -> dict:
     """One torch.export Dim per named axis of the I/O spec, shared by every input that has it."""
-    dims = {"batch": torch.export.Dim("batch", min=1, max=4096), "sequence": torch.export.Dim("sequence", min=2, max=8192)}
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=4096),
+        "sequence": torch.export.Dim("sequence", min=2, max=8192),
+    }
     return {t.name: {i: dims[a] for i, a in enumerate(t.axes) if a is not None} for t in io.inputs}
 
 
@@ -60,7 +64,7 @@ def example_inputs(io: ModelIO, batch: int = 2, seq: int = 8, seed: int = 0) -> 
         shape = [batch if i == 0 else (seq if d == -1 else d) for i, d in enumerate(t.shape)]
         if t.name == "attention_mask":
             m = torch.ones(shape, dtype=torch.int64)
-            m[-1, seq // 2:] = 0
+            m[-1, seq // 2 :] = 0
             out[t.name] = m
         elif t.dtype == "int64":
             hi = 2 if t.name == "token_type_ids" else 1000
@@ -75,15 +79,24 @@ def _export(module: nn.Module, io: ModelIO, path: Path, opset: int) -> Path:
     inputs = example_inputs(io)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        program = torch.onnx.export(module, (), kwargs=inputs, input_names=[t.name for t in io.inputs],
-                                    output_names=[t.name for t in io.outputs], opset_version=opset,
-                                    dynamic_shapes=dynamic_shapes(io), dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=inputs,
+            input_names=[t.name for t in io.inputs],
+            output_names=[t.name for t in io.outputs],
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes(io),
+            dynamo=True,
+            verbose=False,
+        )
     program.save(str(path), external_data=True)
     return path
 
 
-def export_backbone(model: SideTuned, io: ModelIO, path: Path, precision: str = "int8-weight",
-                    opset: int = DEFAULT_OPSET) -> Path:
+def export_backbone(
+    model: SideTuned, io: ModelIO, path: Path, precision: str = "int8-weight", opset: int = DEFAULT_OPSET
+) -> Path:
     """Write the backbone graph in `precision` (the model itself is not modified)."""
     tap = copy.deepcopy(model.tap).eval()
     for hook in tap._hooks:
@@ -117,8 +130,11 @@ def export_adapter(model: SideTuned, io: ModelIO, path: Path, opset: int = DEFAU
 def retype_int4_initializers(path: Path) -> None:
     """Blocked DequantizeLinear inputs are exported as int8 holding [-8, 7]; store them as INT4."""
     model = onnx.load(str(path))
-    targets = {n.input[0] for n in model.graph.node
-               if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)}
+    targets = {
+        n.input[0]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)
+    }
     for i, init in enumerate(model.graph.initializer):
         if init.name in targets:
             values = onnx.numpy_helper.to_array(init, base_dir=str(path.parent)).astype(np.int8)

@@ -5,6 +5,7 @@ accuracy level 4 that kernel quantizes activations to int8 (about 0.6% relative 
 keeps fp32 activations and matches PyTorch. Default: level 1 (exact, what parity is checked at);
 level 4 is an opt-in speed mode whose accuracy cost the export stage measures.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,12 @@ def session_options(threads: int | None = None, accuracy_level: int = EXACT_ACCU
     return opts
 
 
-def make_session(path: str | os.PathLike, threads: int | None = None,
-                 accuracy_level: int = EXACT_ACCURACY_LEVEL, providers: list[str] | None = None) -> ort.InferenceSession:
+def make_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    accuracy_level: int = EXACT_ACCURACY_LEVEL,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
     """Open `path` on the given providers (CPU by default) with the project's session options."""
     path = Path(path)
     if not path.is_file():

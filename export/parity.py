@@ -13,6 +13,7 @@ checks (limits in `contracts.parity_report.ParityGate`, per precision in `GATES`
    itself, judged by label agreement, accuracy and a quantile of per-row errors. Route flips
    and the worst rows are reported so a failed gate says where to look.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -21,8 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contracts.parity_report import (AdapterParity, EndToEndParity, ParityGate, ParityResult, RouteFlip, RowError,
-                                     TensorError)
+from contracts.parity_report import (
+    AdapterParity,
+    EndToEndParity,
+    ParityGate,
+    ParityResult,
+    RouteFlip,
+    RowError,
+    TensorError,
+)
 from training.data import Example, make_loader
 from training.metrics import PRIMARY, predictions, task_metrics
 from training.moe import MoEBlock, forced_routes, routing_margin
@@ -46,9 +54,15 @@ MAX_FLIPS_LISTED, WORST_ROWS = 20, 10
 
 def to_examples(rows: list[dict], labels: list[str]) -> list[Example]:
     """Held-out rows as Examples: a label name becomes its index; a regression score stays a float."""
-    index = {l: i for i, l in enumerate(labels)}
-    return [Example(r["text"], r.get("text_pair"),
-                    float(r["label"]) if isinstance(r["label"], (int, float)) else index[r["label"]]) for r in rows]
+    index = {label: i for i, label in enumerate(labels)}
+    return [
+        Example(
+            r["text"],
+            r.get("text_pair"),
+            float(r["label"]) if isinstance(r["label"], (int, float)) else index[r["label"]],
+        )
+        for r in rows
+    ]
 
 
 def moe_blocks(model) -> list[MoEBlock]:
@@ -56,8 +70,9 @@ def moe_blocks(model) -> list[MoEBlock]:
     return [b.ffn for b in adapter.blocks if isinstance(b.ffn, MoEBlock)] if adapter.side_enabled else []
 
 
-def route_flips(reference: list[torch.Tensor], other: list[np.ndarray], gates: list[torch.Tensor], mask: np.ndarray,
-                row_offset: int) -> list[RouteFlip]:
+def route_flips(
+    reference: list[torch.Tensor], other: list[np.ndarray], gates: list[torch.Tensor], mask: np.ndarray, row_offset: int
+) -> list[RouteFlip]:
     """Real tokens whose expert set differs; reference/other (B, T, k) per block, gates (B, T, N)."""
     flips = []
     for b, (ref, oth, g) in enumerate(zip(reference, other, gates)):
@@ -65,8 +80,10 @@ def route_flips(reference: list[torch.Tensor], other: list[np.ndarray], gates: l
         differ = (r != o).any(-1) & (mask > 0)  # (B, T)
         if differ.any():
             margin = routing_margin(g, r.shape[-1]).numpy()  # (B, T)
-            flips += [RouteFlip(row_offset + int(i), b, int(t), r[i, t].tolist(), o[i, t].tolist(), float(margin[i, t]))
-                      for i, t in zip(*np.nonzero(differ))]
+            flips += [
+                RouteFlip(row_offset + int(i), b, int(t), r[i, t].tolist(), o[i, t].tolist(), float(margin[i, t]))
+                for i, t in zip(*np.nonzero(differ))
+            ]
     return flips
 
 
@@ -103,8 +120,11 @@ def _compare_batch(model, blocks, backbone, adapter, route_names, feeds, labels,
     hs_o, cls_o = backbone.run(None, feeds)
     t_mask = torch.from_numpy(mask)
     with torch.no_grad():
-        hs_t, cls_t = model.tap(torch.from_numpy(feeds["input_ids"]), t_mask,
-                                None if "token_type_ids" not in feeds else torch.from_numpy(feeds["token_type_ids"]))
+        hs_t, cls_t = model.tap(
+            torch.from_numpy(feeds["input_ids"]),
+            t_mask,
+            None if "token_type_ids" not in feeds else torch.from_numpy(feeds["token_type_ids"]),
+        )
         logits_t, aux = model.adapter(hs_t, cls_t, t_mask)
         idx_t = [a["indices"] for a in aux if "indices" in a]
         gates_t = [a["gates"] for a in aux if "gates" in a]
@@ -140,22 +160,33 @@ def _judge(result: ParityResult) -> list[str]:
     """The gate's failures, each a sentence saying which check and by how much."""
     g, a, e, fails = result.gate, result.adapter, result.end_to_end, []
     if g.backbone_max_rel is not None:
-        fails += [f"backbone {n}: max abs error {t.max_abs:.3g} is {t.max_rel:.3g} of its largest value "
-                  f"{t.max_reference:.3g} > {g.backbone_max_rel:g}" for n, t in result.backbone.items()
-                  if t.max_rel > g.backbone_max_rel]
+        fails += [
+            f"backbone {n}: max abs error {t.max_abs:.3g} is {t.max_rel:.3g} of its largest value "
+            f"{t.max_reference:.3g} > {g.backbone_max_rel:g}"
+            for n, t in result.backbone.items()
+            if t.max_rel > g.backbone_max_rel
+        ]
     adapter_err = a.forced_route_max_abs if a.routes_observable else a.native_max_abs
     if g.adapter_max_abs is not None and adapter_err > g.adapter_max_abs:
         how = "with ONNX Runtime's expert choices forced" if a.routes_observable else "(routes not observable)"
-        fails.append(f"adapter on identical inputs {how}: logits max abs error {adapter_err:.3g} > {g.adapter_max_abs:g}")
+        fails.append(
+            f"adapter on identical inputs {how}: logits max abs error {adapter_err:.3g} > {g.adapter_max_abs:g}"
+        )
     if a.non_tie_flips:
-        fails.append(f"adapter routes {a.non_tie_flips} token(s) to other experts where PyTorch's log-gate gap is above "
-                     f"tie_margin {g.tie_margin:g}: the exported router is wrong")
+        fails.append(
+            f"adapter routes {a.non_tie_flips} token(s) to other experts where PyTorch's log-gate gap is above "
+            f"tie_margin {g.tie_margin:g}: the exported router is wrong"
+        )
     if g.forced_route_max_abs is not None and e.forced_route_max_abs > g.forced_route_max_abs:
-        fails.append(f"end to end with ONNX Runtime's routes forced: logits max abs error "
-                     f"{e.forced_route_max_abs:.3g} > {g.forced_route_max_abs:g}")
+        fails.append(
+            f"end to end with ONNX Runtime's routes forced: logits max abs error "
+            f"{e.forced_route_max_abs:.3g} > {g.forced_route_max_abs:g}"
+        )
     if g.logits_quantile_max is not None and e.quantile_abs > g.logits_quantile_max:
-        fails.append(f"end to end: {g.logits_quantile:g} quantile of per-row logits error {e.quantile_abs:.3g} > "
-                     f"{g.logits_quantile_max:g}")
+        fails.append(
+            f"end to end: {g.logits_quantile:g} quantile of per-row logits error {e.quantile_abs:.3g} > "
+            f"{g.logits_quantile_max:g}"
+        )
     if e.label_agreement is not None and e.label_agreement < g.min_label_agreement:
         fails.append(f"label agreement {e.label_agreement:.4f} < {g.min_label_agreement}")
     if e.metric_pytorch - e.metric_onnxruntime > g.max_metric_drop:
@@ -163,8 +194,9 @@ def _judge(result: ParityResult) -> list[str]:
     return fails
 
 
-def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], labels: list[str],
-            task_type: str) -> ParityResult:
+def _result(
+    tally: _Tally, gate: ParityGate, level: int, texts: list[str], labels: list[str], task_type: str
+) -> ParityResult:
     err = np.concatenate(tally.row_err)  # (N,)
     lt, lo, y = (np.concatenate(v) for v in (tally.pred_t, tally.pred_o, tally.y))  # (N, C), (N, C), (N,)
     pt, po = (np.asarray(predictions(torch.from_numpy(x), task_type)) for x in (lt, lo))
@@ -183,20 +215,33 @@ def _result(tally: _Tally, gate: ParityGate, level: int, texts: list[str], label
     for f in tally.e2e_flips:
         flips_per_row[f.row] = flips_per_row.get(f.row, 0) + 1
     name = (lambda v: labels[int(v)]) if task_type == "classification" else (lambda v: f"{float(v):.4g}")
-    worst = [RowError(int(i), texts[i][:200], float(err[i]), flips_per_row.get(int(i), 0), name(pt[i]), name(po[i]))
-             for i in np.argsort(-err)[:WORST_ROWS]]
-    listed = sorted(tally.adapter_flips, key=lambda f: -f.margin)[:MAX_FLIPS_LISTED // 2]
-    listed += tally.e2e_flips[:MAX_FLIPS_LISTED - len(listed)]
+    worst = [
+        RowError(int(i), texts[i][:200], float(err[i]), flips_per_row.get(int(i), 0), name(pt[i]), name(po[i]))
+        for i in np.argsort(-err)[:WORST_ROWS]
+    ]
+    listed = sorted(tally.adapter_flips, key=lambda f: -f.margin)[: MAX_FLIPS_LISTED // 2]
+    listed += tally.e2e_flips[: MAX_FLIPS_LISTED - len(listed)]
     result = ParityResult(level, len(err), gate, tally.backbone, a, e, worst, listed)
     result.failures = _judge(result)
     result.passed = not result.failures
     return result
 
 
-def check_parity(model, tokenizer, rows: list[dict], labels: list[str], max_length: int, backbone_path,
-                 adapter_path, precision: str, accuracy_level: int = 1, threads: int | None = None,
-                 batch_size: int = 64, gate: ParityGate | None = None,
-                 task_type: str = "classification") -> ParityResult:
+def check_parity(
+    model,
+    tokenizer,
+    rows: list[dict],
+    labels: list[str],
+    max_length: int,
+    backbone_path,
+    adapter_path,
+    precision: str,
+    accuracy_level: int = 1,
+    threads: int | None = None,
+    batch_size: int = 64,
+    gate: ParityGate | None = None,
+    task_type: str = "classification",
+) -> ParityResult:
     """Run the checkpoint and the two ONNX graphs on `rows`; return the judged parity result."""
     gate = gate or GATES[precision]
     model.eval()

@@ -6,6 +6,7 @@ rows at ONNX Runtime accuracy levels 1 (the gate) and 4 (reported); `polygraphy 
 against outputs saved from PyTorch; size against an fp32 export; TensorRT engines where it
 exists. Everything lands atomically in `onnx/` with a manifest; a failed gate leaves no `onnx/`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from contracts.parity_report import PARITY_FILE, ExportReport
 from contracts.artifacts import atomic_directory
+from contracts.parity_report import PARITY_FILE, ExportReport
+from training.backbone import usable_positions
 from training.checkpoint import CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples
 from training.data import make_loader
-from training.backbone import usable_positions
 from training.moe import routing_margin
 
 from . import polygraphy_checks, tensorrt_build
@@ -32,6 +33,7 @@ from .ort_session import EXACT_ACCURACY_LEVEL, FAST_ACCURACY_LEVEL
 from .parity import GATES, check_parity, to_examples
 from .qdq import PRECISIONS
 from .trt_check import check_tensorrt_compatible
+
 
 class ExportError(RuntimeError):
     """An export gate failed; the message says which and where the report is."""
@@ -59,7 +61,9 @@ class ExportConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 19 <= self.opset <= 25:
-            raise ValueError(f"opset must be in [19, 25] (fp16 scales need 19; TensorRT parses up to 25), got {self.opset}")
+            raise ValueError(
+                f"opset must be in [19, 25] (fp16 scales need 19; TensorRT parses up to 25), got {self.opset}"
+            )
         if self.calibration not in ("minmax", "percentile", "entropy"):
             raise ValueError("calibration must be minmax, percentile or entropy")
         if self.tensorrt not in ("auto", "off"):
@@ -67,25 +71,41 @@ class ExportConfig:
         GATES[self.precision].with_overrides(self.accept)  # unknown limit names are an error now, not after export
 
 
-def io_spec_for(meta: dict, precision: str, encoder=None, cfg: "ExportConfig | None" = None) -> IOSpec:
+def io_spec_for(meta: dict, precision: str, encoder=None, cfg: ExportConfig | None = None) -> IOSpec:
     """The I/O spec of a checkpoint: names, named axes, input bounds (from the encoder) and the TensorRT
     optimization profile (from the export config), the one source every later stage reads."""
     b, bounds = meta["backbone"], {}
     if encoder is not None:
         c = encoder.config
-        bounds = {"vocab_size": c.vocab_size,
-                  "type_vocab_size": getattr(c, "type_vocab_size", None) if b["has_token_type_ids"] else None,
-                  "max_positions": usable_positions(encoder)}
-    profile = {"batch": [cfg.min_batch, cfg.opt_batch, cfg.max_batch],
-               "sequence": [cfg.min_seq, cfg.opt_seq, cfg.max_seq]} if cfg is not None else None
-    return build_io_spec(meta["task"], meta["labels"], meta["text_pair"], meta["max_length"], b["hidden_size"],
-                         len(b["tap_layers"]) + 1, b["has_token_type_ids"], precision, **bounds,
-                         task_type=meta.get("task_type", "classification"), profile=profile)
+        bounds = {
+            "vocab_size": c.vocab_size,
+            "type_vocab_size": getattr(c, "type_vocab_size", None) if b["has_token_type_ids"] else None,
+            "max_positions": usable_positions(encoder),
+        }
+    profile = (
+        {"batch": [cfg.min_batch, cfg.opt_batch, cfg.max_batch], "sequence": [cfg.min_seq, cfg.opt_seq, cfg.max_seq]}
+        if cfg is not None
+        else None
+    )
+    return build_io_spec(
+        meta["task"],
+        meta["labels"],
+        meta["text_pair"],
+        meta["max_length"],
+        b["hidden_size"],
+        len(b["tap_layers"]) + 1,
+        b["has_token_type_ids"],
+        precision,
+        **bounds,
+        task_type=meta.get("task_type", "classification"),
+        profile=profile,
+    )
 
 
 def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16, pad_to_max_length=False):
-    loader = make_loader(to_examples(rows, labels), tokenizer, max_length, batch_size, shuffle=False,
-                         pad_to_max_length=pad_to_max_length)
+    loader = make_loader(
+        to_examples(rows, labels), tokenizer, max_length, batch_size, shuffle=False, pad_to_max_length=pad_to_max_length
+    )
     return [b for _, b in zip(range(n_batches), loader)]
 
 
@@ -96,8 +116,9 @@ def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path
         return export_backbone(model, spec.backbone, path, cfg.precision, cfg.opset)
     from .w8a8 import quantize_w8a8
 
-    calib = batches(read_examples(ckpt, CALIBRATION_FILE), meta["labels"], tokenizer, meta["max_length"], 16,
-                    pad_to_max_length=True)  # histogram calibrators need one shape across batches
+    calib = batches(
+        read_examples(ckpt, CALIBRATION_FILE), meta["labels"], tokenizer, meta["max_length"], 16, pad_to_max_length=True
+    )  # histogram calibrators need one shape across batches
     names = [t.name for t in spec.backbone.inputs]
     feeds = [{k: b[k].numpy() for k in names} for b in calib]
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,17 +144,19 @@ def reference_batches(model, spec: IOSpec, rows, tokenizer, meta, cfg: ExportCon
             if "gates" in a:
                 margin = routing_margin(a["gates"], a["indices"].shape[-1])  # (B, T)
                 ok &= ((margin >= min_margin) | (b["attention_mask"] == 0)).all(-1)
-        clear += [{k: v[i:i + 1] for k, v in b.items()} for i in torch.nonzero(ok).flatten().tolist()]
+        clear += [{k: v[i : i + 1] for k, v in b.items()} for i in torch.nonzero(ok).flatten().tolist()]
         if len(clear) >= 16 * cfg.polygraphy_batches:
             break
     pad = len(clear) and max(int(c["attention_mask"].shape[1]) for c in clear)
-    return [_stack(clear[i:i + 16], pad) for i in range(0, min(len(clear), 16 * cfg.polygraphy_batches), 16)]
+    return [_stack(clear[i : i + 16], pad) for i in range(0, min(len(clear), 16 * cfg.polygraphy_batches), 16)]
 
 
 def _stack(rows: list[dict], length: int) -> dict:
     """Single-row batches of varied lengths -> one batch padded to `length` (pad id 0, mask 0)."""
+
     def pad(t):
         return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
     return {k: torch.cat([pad(r[k]) if r[k].dim() == 2 else r[k] for r in rows]) for k in rows[0]}
 
 
@@ -149,14 +172,21 @@ def polygraphy_parity(model, spec: IOSpec, out: Path, rows, tokenizer, meta, cfg
             logits = model.adapter(hs, cls, b["attention_mask"])[0]
         bb_in.append(feeds)
         bb_out.append({"hidden_states": hs.numpy(), "cls_states": cls.numpy()})
-        ad_in.append({"hidden_states": hs.numpy(), "cls_states": cls.numpy(), "attention_mask": feeds["attention_mask"]})
+        ad_in.append(
+            {"hidden_states": hs.numpy(), "cls_states": cls.numpy(), "attention_mask": feeds["attention_mask"]}
+        )
         ad_out.append({"logits": logits.numpy()})
     if not ad_in:
         return {g: {"skipped": "no held-out row is clear of routing near-ties"} for g in ("adapter", "backbone")}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, ins, outs, atol in (("adapter", ad_in, ad_out, 1e-4), ("backbone", bb_in, bb_out, None if lossy else 1e-2)):
+        for name, ins, outs, atol in (
+            ("adapter", ad_in, ad_out, 1e-4),
+            ("backbone", bb_in, bb_out, None if lossy else 1e-2),
+        ):
             if not atol:
-                results[name] = {"skipped": f"{cfg.precision} is lossy by design: judged by accuracy and label agreement"}
+                results[name] = {
+                    "skipped": f"{cfg.precision} is lossy by design: judged by accuracy and label agreement"
+                }
                 continue
             i_json, o_json = polygraphy_checks.save_reference_outputs(outs, ins, Path(tmp) / name)
             results[name] = polygraphy_checks.polygraphy_run_onnxrt(out / f"{name}.onnx", i_json, o_json, atol, 1e-3)
@@ -199,13 +229,21 @@ def build_engines(engines: Path, onnx_dir: Path, spec: IOSpec, cfg: ExportConfig
     if cfg.tensorrt == "off":
         return {"available": False, "built": [], "note": "disabled with --tensorrt off"}
     if not tensorrt_build.tensorrt_available():
-        return {"available": False, "built": [],
-                "note": "tensorrt is not installed here: no engines built (install the `gpu` extra on a GPU machine)"}
+        return {
+            "available": False,
+            "built": [],
+            "note": "tensorrt is not installed here: no engines built (install the `gpu` extra on a GPU machine)",
+        }
     built = []
     for name, io in (("backbone", spec.backbone), ("adapter", spec.adapter)):
         profiles = tensorrt_build.optimization_profiles(io, spec.profile)
-        built.append(str(tensorrt_build.build_engine(onnx_dir / f"{name}.onnx", engines, profiles, cfg.precision,
-                                                     engines / "timing.cache")))
+        built.append(
+            str(
+                tensorrt_build.build_engine(
+                    onnx_dir / f"{name}.onnx", engines, profiles, cfg.precision, engines / "timing.cache"
+                )
+            )
+        )
     return {"available": True, "built": built}
 
 
@@ -220,32 +258,56 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> ExportReport:
     spec = io_spec_for(meta, cfg.precision, model.tap.encoder, cfg)
     rows = read_examples(ckpt, HELDOUT_FILE)[: cfg.parity_rows]
     gate = GATES[cfg.precision].with_overrides(cfg.accept)
-    report = ExportReport(precision=cfg.precision, task=meta["task"], config=asdict(cfg), accepted_overrides=dict(cfg.accept))
-    with staged_engines(run_dir) as engines, atomic_directory(run_dir / "onnx", "onnx", {"precision": cfg.precision}) as out:
+    report = ExportReport(
+        precision=cfg.precision, task=meta["task"], config=asdict(cfg), accepted_overrides=dict(cfg.accept)
+    )
+    with (
+        staged_engines(run_dir) as engines,
+        atomic_directory(run_dir / "onnx", "onnx", {"precision": cfg.precision}) as out,
+    ):
         log(f"[export] {cfg.precision} backbone + adapter -> {run_dir / 'onnx'}")
         write_backbone(model, spec, out, cfg, ckpt, tokenizer, meta)
         export_adapter(model, spec.adapter, out / "adapter.onnx", cfg.opset)
         save_io_spec(spec, out)
         tokenizer.save_pretrained(out / "tokenizer")
         shutil.copy(ckpt / HELDOUT_FILE, out / HELDOUT_FILE)
-        report.sizes = {"backbone_bytes": onnx_size_bytes(out / "backbone.onnx"),
-                        "adapter_bytes": onnx_size_bytes(out / "adapter.onnx")}
+        report.sizes = {
+            "backbone_bytes": onnx_size_bytes(out / "backbone.onnx"),
+            "adapter_bytes": onnx_size_bytes(out / "adapter.onnx"),
+        }
         if cfg.compare_fp32_size:
             report.sizes["backbone_fp32_bytes"] = fp32_size(model, spec, cfg.opset)
-            report.sizes["backbone_ratio_vs_fp32"] = report.sizes["backbone_bytes"] / report.sizes["backbone_fp32_bytes"]
+            report.sizes["backbone_ratio_vs_fp32"] = (
+                report.sizes["backbone_bytes"] / report.sizes["backbone_fp32_bytes"]
+            )
         log("[export] static TensorRT check, polygraphy lint")
-        report.tensorrt_check = {g: [asdict(f) for f in check_tensorrt_compatible(out / f"{g}.onnx")]
-                                 for g in ("backbone", "adapter")}
+        report.tensorrt_check = {
+            g: [asdict(f) for f in check_tensorrt_compatible(out / f"{g}.onnx")] for g in ("backbone", "adapter")
+        }
         report.lint = {g: polygraphy_checks.polygraphy_lint(out / f"{g}.onnx") for g in ("backbone", "adapter")}
         for lint in report.lint.values():  # name the files where they will live after the atomic rename
             for key in ("report", "command"):
                 lint[key] = lint[key].replace(str(out), str(run_dir / "onnx"))
-        log(f"[export] parity on {len(rows)} held-out rows (ONNX Runtime accuracy levels {EXACT_ACCURACY_LEVEL} and {FAST_ACCURACY_LEVEL})")
-        report.parity = {f"accuracy_level_{lvl}": check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"],
-                                                               out / "backbone.onnx", out / "adapter.onnx", cfg.precision,
-                                                               lvl, cfg.threads, gate=gate,
-                                                               task_type=meta.get("task_type", "classification"))
-                         for lvl in (EXACT_ACCURACY_LEVEL, FAST_ACCURACY_LEVEL)}
+        log(
+            f"[export] parity on {len(rows)} held-out rows (ONNX Runtime accuracy levels {EXACT_ACCURACY_LEVEL} and {FAST_ACCURACY_LEVEL})"
+        )
+        report.parity = {
+            f"accuracy_level_{lvl}": check_parity(
+                model,
+                tokenizer,
+                rows,
+                meta["labels"],
+                meta["max_length"],
+                out / "backbone.onnx",
+                out / "adapter.onnx",
+                cfg.precision,
+                lvl,
+                cfg.threads,
+                gate=gate,
+                task_type=meta.get("task_type", "classification"),
+            )
+            for lvl in (EXACT_ACCURACY_LEVEL, FAST_ACCURACY_LEVEL)
+        }
         log("[export] polygraphy run --onnxrt against saved PyTorch outputs")
         report.polygraphy_run = polygraphy_parity(model, spec, out, rows, tokenizer, meta, cfg)
         report.tensorrt = build_engines(engines, out, spec, cfg)  # published with onnx/ only if the gate passes
@@ -257,8 +319,14 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> ExportReport:
             failed = run_dir / "onnx-failed-parity.json"
             report.next_steps = next_steps(report, run_dir, failed)
             report.save(failed)
-            raise ExportError("export gates failed:\n  " + "\n  ".join(report.failures) + "\n\n" +
-                              format_report(report) + "\n\n" + "\n".join(report.next_steps))
+            raise ExportError(
+                "export gates failed:\n  "
+                + "\n  ".join(report.failures)
+                + "\n\n"
+                + format_report(report)
+                + "\n\n"
+                + "\n".join(report.next_steps)
+            )
         report.save(out / PARITY_FILE)
     log(format_report(report))
     return report
@@ -268,7 +336,9 @@ def gate_failures(report: ExportReport) -> list[str]:
     """The checks that fail an export: TensorRT compatibility errors, lint errors, parity (level 1), polygraphy."""
     failures = []
     for g, findings in report.tensorrt_check.items():
-        failures += [f"{g}.onnx {f['node']} ({f['op']}): {f['problem']}" for f in findings if f.get("level", "error") == "error"]
+        failures += [
+            f"{g}.onnx {f['node']} ({f['op']}): {f['problem']}" for f in findings if f.get("level", "error") == "error"
+        ]
     for g, lint in report.lint.items():
         if not lint["passed"]:
             failures.append(f"{g}.onnx: polygraphy lint: {lint.get('errors')}")
@@ -283,17 +353,25 @@ def next_steps(report: ExportReport, run_dir: Path, failed: Path) -> list[str]:
     """What to look at and what to do after a failed gate."""
     p = report.gated(EXACT_ACCURACY_LEVEL)
     lines = ["worst held-out rows (end-to-end logits error, route flips, labels PyTorch/ONNX):"]
-    lines += [f"  row {r.row}: {r.logits_max_abs:.3g}, {r.route_flips} flip(s), {r.label_pytorch}/{r.label_onnx}: "
-              f"{r.text[:80]!r}" for r in p.worst_rows[:5]]
+    lines += [
+        f"  row {r.row}: {r.logits_max_abs:.3g}, {r.route_flips} flip(s), {r.label_pytorch}/{r.label_onnx}: "
+        f"{r.text[:80]!r}"
+        for r in p.worst_rows[:5]
+    ]
     if p.route_flips:
         lines.append("route flips (row, block, token, experts PyTorch -> ONNX, PyTorch log-gate gap):")
-        lines += [f"  row {f.row} block {f.block} token {f.token}: {f.pytorch_experts} -> {f.onnx_experts}, "
-                  f"log-gap {f.margin:.2e}" for f in p.route_flips[:5]]
-    lines += [f"full report: {failed}",
-              "if the differences are acceptable for your use, accept a stated limit and re-export, e.g.",
-              f"  make export RUN={run_dir} ARGS='--accept logits_quantile_max=2e-3'",
-              "  (limits: " + ", ".join(f"{k}={v}" for k, v in asdict(p.gate).items()) + "; the accepted values are "
-              "recorded in parity.json; see docs/TROUBLESHOOTING.md, 'export parity gate')"]
+        lines += [
+            f"  row {f.row} block {f.block} token {f.token}: {f.pytorch_experts} -> {f.onnx_experts}, "
+            f"log-gap {f.margin:.2e}"
+            for f in p.route_flips[:5]
+        ]
+    lines += [
+        f"full report: {failed}",
+        "if the differences are acceptable for your use, accept a stated limit and re-export, e.g.",
+        f"  make export RUN={run_dir} ARGS='--accept logits_quantile_max=2e-3'",
+        "  (limits: " + ", ".join(f"{k}={v}" for k, v in asdict(p.gate).items()) + "; the accepted values are "
+        "recorded in parity.json; see docs/TROUBLESHOOTING.md, 'export parity gate')",
+    ]
     return lines
 
 
@@ -305,20 +383,30 @@ def format_report(report: ExportReport) -> str:
         for name, t in p.backbone.items():
             lines.append(f"  {'backbone ' + name + ' max rel error':<50} {t.max_rel:>16.3g}")
         lines.append(f"  {'adapter logits error, routes forced':<50} {a.forced_route_max_abs:>16.3g}")
-        lines.append(f"  {'adapter route flips (tokens, all at near-ties?)':<50} "
-                     f"{f'{a.route_flip_tokens} ({a.non_tie_flips == 0})':>16}")
+        lines.append(
+            f"  {'adapter route flips (tokens, all at near-ties?)':<50} "
+            f"{f'{a.route_flip_tokens} ({a.non_tie_flips == 0})':>16}"
+        )
         lines.append(f"  {'end-to-end logits error, routes forced':<50} {e.forced_route_max_abs:>16.3g}")
-        lines.append(f"  {f'end-to-end logits error p{100 * p.gate.logits_quantile:g} / max':<50} "
-                     f"{f'{e.quantile_abs:.3g} / {e.max_abs:.3g}':>16}")
-        lines.append(f"  {'end-to-end route flips (tokens / rows)':<50} {f'{e.route_flip_tokens} / {e.route_flip_rows}':>16}")
+        lines.append(
+            f"  {f'end-to-end logits error p{100 * p.gate.logits_quantile:g} / max':<50} "
+            f"{f'{e.quantile_abs:.3g} / {e.max_abs:.3g}':>16}"
+        )
+        lines.append(
+            f"  {'end-to-end route flips (tokens / rows)':<50} {f'{e.route_flip_tokens} / {e.route_flip_rows}':>16}"
+        )
         if e.label_agreement is not None:
             lines.append(f"  {'label agreement':<50} {e.label_agreement:>16.4f}")
-        lines.append(f"  {e.metric + ' pytorch / onnxruntime':<50} {f'{e.metric_pytorch:.4f} / {e.metric_onnxruntime:.4f}':>16}")
+        lines.append(
+            f"  {e.metric + ' pytorch / onnxruntime':<50} {f'{e.metric_pytorch:.4f} / {e.metric_onnxruntime:.4f}':>16}"
+        )
     s = report.sizes
     if "backbone_ratio_vs_fp32" in s:
         lines.append(f"{'backbone.onnx size vs fp32 export':<52} {s['backbone_ratio_vs_fp32']:>16.3f}")
     for g, r in report.polygraphy_run.items():
-        lines.append(f"{'polygraphy run --onnxrt ' + g:<52} {('passed' if r.get('passed') else r.get('skipped', 'FAILED'))[:16]:>16}")
+        lines.append(
+            f"{'polygraphy run --onnxrt ' + g:<52} {('passed' if r.get('passed') else r.get('skipped', 'FAILED'))[:16]:>16}"
+        )
     for g, f in report.tensorrt_check.items():
         lines.append(f"{'static TensorRT check ' + g:<52} {('ok' if not f else f'{len(f)} findings'):>16}")
     lines.append(f"{'TensorRT engines':<52} {'built' if report.tensorrt.get('available') else 'not built':>16}")

@@ -17,6 +17,7 @@ fp32 MatMul: as exact as level 1), so parity runs pass `--graph-optimization-lev
 by default. To check ORT's default fast path, pass graph_optimization_level=None with an absolute
 tolerance of about 1e-2 * max|output|: near-zero outputs make any rtol-only check fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ PARITY_OPT_LEVEL = "ORT_ENABLE_BASIC"  # no DQ->MatMulNBits fusion: exact, like 
 _LAUNCHER = "import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())"
 
 
-def save_reference_outputs(outputs: list[dict[str, np.ndarray]], inputs: list[dict[str, np.ndarray]],
-                           out_dir: str | Path, runner_name: str = REFERENCE_RUNNER) -> tuple[Path, Path]:
+def save_reference_outputs(
+    outputs: list[dict[str, np.ndarray]],
+    inputs: list[dict[str, np.ndarray]],
+    out_dir: str | Path,
+    runner_name: str = REFERENCE_RUNNER,
+) -> tuple[Path, Path]:
     """Write (inputs JSON for --load-inputs, RunResults JSON for --load-outputs); one dict per iteration."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import save_json
@@ -48,8 +53,9 @@ def save_reference_outputs(outputs: list[dict[str, np.ndarray]], inputs: list[di
     feeds = [{name: np.ascontiguousarray(arr) for name, arr in feed.items()} for feed in inputs]
     save_json(feeds, str(inputs_path), description="reference inputs")
     results = RunResults()
-    results.add([{name: np.ascontiguousarray(arr) for name, arr in out.items()} for out in outputs],
-                runner_name=runner_name)
+    results.add(
+        [{name: np.ascontiguousarray(arr) for name, arr in out.items()} for out in outputs], runner_name=runner_name
+    )
     results.save(str(outputs_path))
     return inputs_path, outputs_path
 
@@ -75,26 +81,40 @@ def _run_polygraphy(args: list[str], timeout_s: float) -> tuple[int, str, str]:
     return proc.returncode, shlex.join(["polygraphy", *args]), proc.stdout + proc.stderr
 
 
-def polygraphy_run_onnxrt(onnx_path: str | Path, inputs_json: str | Path, outputs_json: str | Path,
-                          atol: dict[str, float] | float, rtol: dict[str, float] | float, trt: bool = False,
-                          graph_optimization_level: str | None = PARITY_OPT_LEVEL,
-                          timeout_s: float = 600.0) -> dict:
+def polygraphy_run_onnxrt(
+    onnx_path: str | Path,
+    inputs_json: str | Path,
+    outputs_json: str | Path,
+    atol: dict[str, float] | float,
+    rtol: dict[str, float] | float,
+    trt: bool = False,
+    graph_optimization_level: str | None = PARITY_OPT_LEVEL,
+    timeout_s: float = 600.0,
+) -> dict:
     """Run `polygraphy run --onnxrt [--trt]` on the saved inputs and compare with the saved outputs.
 
     An element fails only when it exceeds both atol and rtol (rtol is relative to the saved outputs).
     Returns {"passed", "command", "log_tail", "returncode"}.
     """
-    args = ["run", str(onnx_path), "--onnxrt", *(["--trt"] if trt else []),
-            "--load-inputs", str(inputs_json), "--load-outputs", str(outputs_json),
-            *_tolerance_args("--atol", atol), *_tolerance_args("--rtol", rtol)]
+    args = [
+        "run",
+        str(onnx_path),
+        "--onnxrt",
+        *(["--trt"] if trt else []),
+        "--load-inputs",
+        str(inputs_json),
+        "--load-outputs",
+        str(outputs_json),
+        *_tolerance_args("--atol", atol),
+        *_tolerance_args("--rtol", rtol),
+    ]
     if graph_optimization_level:
         args += ["--graph-optimization-level", graph_optimization_level]
     rc, command, log = _run_polygraphy(args, timeout_s)
     return {"passed": rc == 0, "command": command, "log_tail": log[-4000:], "returncode": rc}
 
 
-def polygraphy_lint(onnx_path: str | Path, report_path: str | Path | None = None,
-                    timeout_s: float = 600.0) -> dict:
+def polygraphy_lint(onnx_path: str | Path, report_path: str | Path | None = None, timeout_s: float = 600.0) -> dict:
     """`polygraphy check lint <model> -o report.json`, parsed: {"passed", "errors", "warnings", ...}.
 
     Lint entries of level "warning" are warnings; "error" and "exception" entries are errors.
@@ -108,5 +128,11 @@ def polygraphy_lint(onnx_path: str | Path, report_path: str | Path | None = None
     entries = json.loads(report.read_text()).get("lint_entries", [])
     errors = [e for e in entries if e.get("level") != "warning"]
     warnings = [e for e in entries if e.get("level") == "warning"]
-    return {"passed": rc == 0 and not errors, "errors": errors, "warnings": warnings,
-            "report": str(report), "command": command, "returncode": rc}
+    return {
+        "passed": rc == 0 and not errors,
+        "errors": errors,
+        "warnings": warnings,
+        "report": str(report),
+        "command": command,
+        "returncode": rc,
+    }

@@ -9,6 +9,7 @@ so `SymmetricInt8Linear` stores q'^T (in, out) behind DequantizeLinear(axis=1) -
 pattern ONNX Runtime and TensorRT fuse) plus a rank-1 correction. Embedding lookups gather int8
 rows and their per-row scale/correction, dequantizing only those rows.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,13 +27,15 @@ def symmetric_reexpression(q: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return q8, corr
 
 
-def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, axis: int, block_size: int | None = None,
-                      opset: int = 19) -> torch.Tensor:
+def dequantize_linear(
+    q: torch.Tensor, scale: torch.Tensor, axis: int, block_size: int | None = None, opset: int = 19
+) -> torch.Tensor:
     """ONNX DequantizeLinear (zero point 0) during export; the same arithmetic in eager mode."""
     if torch.onnx.is_in_onnx_export():
         attrs = {"axis": axis} if block_size is None else {"axis": axis, "block_size": block_size}
-        return torch.onnx.ops.symbolic("DequantizeLinear", (q, scale), attrs, dtype=scale.dtype,
-                                       shape=q.shape, version=opset)
+        return torch.onnx.ops.symbolic(
+            "DequantizeLinear", (q, scale), attrs, dtype=scale.dtype, shape=q.shape, version=opset
+        )
     if block_size is not None:
         full = scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, q.shape[axis])  # trim padding on `axis`
         return q.to(scale.dtype) * full
@@ -134,12 +137,19 @@ def convert_for_export_(module: nn.Module, precision: str, int4_block: int = 32)
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     for name, child in list(module.named_children()):
         if isinstance(child, QuantizedLinear):
-            new = {"int8-weight": SymmetricInt8Linear, "int4-weight": lambda l: Int4BlockLinear(l, int4_block)}.get(
-                precision, dequantized_linear)(child)
+            new = {
+                "int8-weight": SymmetricInt8Linear,
+                "int4-weight": lambda layer: Int4BlockLinear(layer, int4_block),
+            }.get(precision, dequantized_linear)(child)
             setattr(module, name, new)
         elif isinstance(child, QuantizedEmbedding):
-            setattr(module, name, Int8GatherEmbedding(child) if precision in ("int8-weight", "int4-weight", "w8a8")
-                    else dequantized_embedding(child))
+            setattr(
+                module,
+                name,
+                Int8GatherEmbedding(child)
+                if precision in ("int8-weight", "int4-weight", "w8a8")
+                else dequantized_embedding(child),
+            )
         else:
             convert_for_export_(child, precision, int4_block)
     return module

@@ -4,6 +4,7 @@ The exported MoE picks experts with one TopK per side block. `expose_routes` wri
 graph whose TopK index outputs are also graph outputs (the computation is unchanged), in block
 order. The served graph is never modified.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

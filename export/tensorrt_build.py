@@ -13,6 +13,7 @@ the precision-constraint flags and the INT8 calibrators, and every network is st
 STRONGLY_TYPED flag is deprecated and ignored), so precision comes from the graph: Q/DQ nodes for
 int8/int4 and fp16 tensors (e.g. ModelOpt AutoCast) for fp16.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,8 +44,9 @@ class ProfileShape:
             raise ValueError(f"{self.name}: min/opt/max ranks differ: {self.min}, {self.opt}, {self.max}")
         for lo, mid, hi in zip(self.min, self.opt, self.max):
             if not 1 <= lo <= mid <= hi:
-                raise ValueError(f"{self.name}: need 1 <= min <= opt <= max per dim, got "
-                                 f"{self.min}, {self.opt}, {self.max}")
+                raise ValueError(
+                    f"{self.name}: need 1 <= min <= opt <= max per dim, got {self.min}, {self.opt}, {self.max}"
+                )
 
 
 def _check_range(what: str, lo: int, mid: int, hi: int) -> None:
@@ -99,21 +101,43 @@ def builder_plan(trt_major: int, precision: str) -> dict:
         raise ValueError(f"TensorRT {trt_major}.x is not supported; use 10.x or 11.x")
     plan = {"trt_major": trt_major, "precision": precision, "calibrator": None}
     if trt_major >= 11:
-        note = {"fp16": "no FP16 flag in 11.x: the ONNX graph must already be fp16 (e.g. ModelOpt AutoCast)",
-                "fp32": "fp32 graph, fp32 engine"}.get(precision, "precision from the graph's Q/DQ nodes")
-        return {**plan, "strongly_typed": True, "network_flags": (), "builder_flags": (),
-                "note": note + "; 11.x networks are always strongly typed (STRONGLY_TYPED is deprecated, ignored)"}
+        note = {
+            "fp16": "no FP16 flag in 11.x: the ONNX graph must already be fp16 (e.g. ModelOpt AutoCast)",
+            "fp32": "fp32 graph, fp32 engine",
+        }.get(precision, "precision from the graph's Q/DQ nodes")
+        return {
+            **plan,
+            "strongly_typed": True,
+            "network_flags": (),
+            "builder_flags": (),
+            "note": note + "; 11.x networks are always strongly typed (STRONGLY_TYPED is deprecated, ignored)",
+        }
     if precision == "fp32":
         return {**plan, "strongly_typed": False, "network_flags": (), "builder_flags": (), "note": "fp32 engine"}
     if precision == "fp16":
-        return {**plan, "strongly_typed": False, "network_flags": (), "builder_flags": ("FP16",),
-                "note": "weak typing (deprecated since 10.12): TensorRT may choose fp16 kernels for an fp32 graph"}
+        return {
+            **plan,
+            "strongly_typed": False,
+            "network_flags": (),
+            "builder_flags": ("FP16",),
+            "note": "weak typing (deprecated since 10.12): TensorRT may choose fp16 kernels for an fp32 graph",
+        }
     if precision in ("int8-weight", "w8a8"):
-        return {**plan, "strongly_typed": False, "network_flags": (), "builder_flags": ("INT8", "FP16"),
-                "note": "explicit Q/DQ graph, no calibrator; int8 weight-only DQ is folded to float at build, "
-                        "w8a8 gets INT8 GEMMs"}
-    return {**plan, "strongly_typed": True, "network_flags": ("STRONGLY_TYPED",), "builder_flags": (),
-            "note": "INT4 weight-only block-quantized DQ; precision from the graph"}
+        return {
+            **plan,
+            "strongly_typed": False,
+            "network_flags": (),
+            "builder_flags": ("INT8", "FP16"),
+            "note": "explicit Q/DQ graph, no calibrator; int8 weight-only DQ is folded to float at build, "
+            "w8a8 gets INT8 GEMMs",
+        }
+    return {
+        **plan,
+        "strongly_typed": True,
+        "network_flags": ("STRONGLY_TYPED",),
+        "builder_flags": (),
+        "note": "INT4 weight-only block-quantized DQ; precision from the graph",
+    }
 
 
 def tensorrt_available() -> bool:
@@ -162,6 +186,7 @@ def cuda_compute_capability(device: int = 0) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- the TensorRT build (not run here)
 
+
 def _parse_onnx(trt, builder, plan: dict, onnx_path: Path, logger):
     flags = 0
     for name in plan["network_flags"]:
@@ -186,8 +211,14 @@ def _check_profile_names(network, profiles: list[ProfileShape]) -> None:
         raise ValueError(f"profile inputs {sorted(given)} do not match the network's {sorted(inputs)}")
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path, profiles: list[ProfileShape], precision: str,
-                 timing_cache: Path, workspace_gib: float = 4.0) -> Path:
+def build_engine(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    profiles: list[ProfileShape],
+    precision: str,
+    timing_cache: Path,
+    workspace_gib: float = 4.0,
+) -> Path:
     """Parse `onnx_path`, build one engine with one optimization profile, write `<stem>.smXY.trtA.B.plan`."""
     onnx_path, out_dir, timing_cache = Path(onnx_path), Path(out_dir), Path(timing_cache)
     if precision not in PRECISIONS:

@@ -11,6 +11,7 @@ inclusive range of opset 9 to opset 24"); docs/DESIGN.md records opsets 9-25 for
 default range. An op that parses may still hit a listed restriction (e.g. TopK K < 3840); the
 parser itself is the final word on a GPU host.
 """
+
 from __future__ import annotations
 
 from collections import ChainMap
@@ -26,7 +27,8 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 UNSIGNED_QUANT_TYPES = {TensorProto.UINT8: "uint8", TensorProto.UINT4: "uint4"}
 
 # Every op marked "Y" in onnx-tensorrt docs/operators.md (TensorRT 10.15), default domain only.
-TENSORRT_ONNX_OPS = frozenset("""
+TENSORRT_ONNX_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool
 BatchNormalization BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape
 Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum
@@ -43,7 +45,8 @@ RMSNormalization RNN RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan Scatter
 ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
 Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile
 TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class TensorRTCompatibilityError(ValueError):
 
 
 # ---------------------------------------------------------------- constant / type tables
+
 
 def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     """The value of a Constant node as a TensorProto (None for sparse/string values)."""
@@ -110,11 +114,17 @@ def _type_name(elem_type: int) -> str:
 
 # ---------------------------------------------------------------- per-node checks
 
+
 def _check_op(node: onnx.NodeProto, name: str) -> list[Finding]:
     if node.domain not in DEFAULT_DOMAINS:
-        return [Finding(name, f"{node.domain}.{node.op_type}",
-                        f"custom domain '{node.domain}': TensorRT's ONNX parser imports default-domain "
-                        "ONNX ops only (a custom op needs a TensorRT plugin)")]
+        return [
+            Finding(
+                name,
+                f"{node.domain}.{node.op_type}",
+                f"custom domain '{node.domain}': TensorRT's ONNX parser imports default-domain "
+                "ONNX ops only (a custom op needs a TensorRT plugin)",
+            )
+        ]
     if node.op_type not in TENSORRT_ONNX_OPS:
         return [Finding(name, node.op_type, "not supported by TensorRT's ONNX parser (onnx-tensorrt operators.md)")]
     return []
@@ -147,38 +157,61 @@ def _check_qdq(node, name, consts, types, shapes) -> list[Finding]:
     axis_given = _attr(node, "axis") is not None
 
     if scale not in consts:
-        found.append(Finding(name, op, f"scale '{scale}' is not a constant initializer: TensorRT needs "
-                                       "build-time Q/DQ scales", level="warning"))
+        found.append(
+            Finding(
+                name,
+                op,
+                f"scale '{scale}' is not a constant initializer: TensorRT needs build-time Q/DQ scales",
+                level="warning",
+            )
+        )
     scale_shape = shapes.get(scale)
     if scale_shape is not None and len(scale_shape) == 1 and (scale_shape[0] or 0) > 1 and not axis_given:
-        found.append(Finding(name, op, f"per-channel scale (shape {list(scale_shape)}) without an explicit "
-                                       "`axis` attribute: ONNX silently uses axis=1; set axis"))
+        found.append(
+            Finding(
+                name,
+                op,
+                f"per-channel scale (shape {list(scale_shape)}) without an explicit "
+                "`axis` attribute: ONNX silently uses axis=1; set axis",
+            )
+        )
     if _attr(node, "block_size") and not axis_given:
         found.append(Finding(name, op, "block-quantized without an explicit `axis` attribute; set axis"))
 
     qtype, source = _quantized_type(node, consts, types)
     if qtype in UNSIGNED_QUANT_TYPES:
-        why = ("QuantizeLinear without a zero point outputs uint8 (ONNX default): give it an int8 zero "
-               "point of 0 or output_dtype=INT8" if source == "default" else
-               f"{source} is {UNSIGNED_QUANT_TYPES[qtype]}: TensorRT quantizes to signed types only "
-               "(int8/int4, symmetric); store q-128 as int8 with zero point 0")
+        why = (
+            "QuantizeLinear without a zero point outputs uint8 (ONNX default): give it an int8 zero "
+            "point of 0 or output_dtype=INT8"
+            if source == "default"
+            else f"{source} is {UNSIGNED_QUANT_TYPES[qtype]}: TensorRT quantizes to signed types only "
+            "(int8/int4, symmetric); store q-128 as int8 with zero point 0"
+        )
         found.append(Finding(name, op, why))
     if zp is not None:
         if zp not in consts:
-            found.append(Finding(name, op, f"zero point '{zp}' is not a constant: TensorRT needs a constant "
-                                           "zero point of 0"))
+            found.append(
+                Finding(name, op, f"zero point '{zp}' is not a constant: TensorRT needs a constant zero point of 0")
+            )
         else:
             values = numpy_helper.to_array(consts[zp]).astype(np.float64)
             nonzero = np.flatnonzero(values)
             if nonzero.size:
                 sample = values.ravel()[nonzero[:4]].astype(np.int64).tolist()
-                found.append(Finding(name, op, f"zero point is non-zero ({nonzero.size} of {values.size} "
-                                               f"entries, e.g. {sample}): TensorRT requires zero point 0 "
-                                               "(symmetric quantization)"))
+                found.append(
+                    Finding(
+                        name,
+                        op,
+                        f"zero point is non-zero ({nonzero.size} of {values.size} "
+                        f"entries, e.g. {sample}): TensorRT requires zero point 0 "
+                        "(symmetric quantization)",
+                    )
+                )
     return found
 
 
 # ---------------------------------------------------------------- graph walk
+
 
 def _node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}#{index}->{node.output[0] if node.output else ''}"
@@ -194,8 +227,9 @@ def _check_graph(graph, scope, prefix, functions, findings, visited_functions) -
                 visited_functions.add(key)
                 fn = functions[key]
                 body = onnx.helper.make_graph(list(fn.node), fn.name, [], [])
-                _check_graph(body, (consts, types, shapes), f"{name}/{fn.name}/", functions, findings,
-                             visited_functions)
+                _check_graph(
+                    body, (consts, types, shapes), f"{name}/{fn.name}/", functions, findings, visited_functions
+                )
             continue
         findings.extend(_check_op(node, name))
         if node.op_type in QDQ_OPS and node.domain in DEFAULT_DOMAINS:
@@ -203,8 +237,9 @@ def _check_graph(graph, scope, prefix, functions, findings, visited_functions) -
         for attr in node.attribute:  # If / Loop / Scan bodies see the outer scope
             subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subgraphs:
-                _check_graph(sub, (consts, types, shapes), f"{name}/{attr.name}/", functions, findings,
-                             visited_functions)
+                _check_graph(
+                    sub, (consts, types, shapes), f"{name}/{attr.name}/", functions, findings, visited_functions
+                )
 
 
 def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -224,8 +259,9 @@ def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def check_tensorrt_compatible(model: onnx.ModelProto | str | Path, min_opset: int = 9,
-                              max_opset: int = 25) -> list[Finding]:
+def check_tensorrt_compatible(
+    model: onnx.ModelProto | str | Path, min_opset: int = 9, max_opset: int = 25
+) -> list[Finding]:
     """Every reason TensorRT's ONNX parser would reject (or mis-read) `model`; empty when none."""
     model = _with_inferred_types(_load(model))
     findings: list[Finding] = []
@@ -234,16 +270,20 @@ def check_tensorrt_compatible(model: onnx.ModelProto | str | Path, min_opset: in
     if default is None:
         findings.append(Finding("<model>", "opset_import", "no default-domain opset import"))
     elif not min_opset <= default <= max_opset:
-        findings.append(Finding("<model>", "opset_import", f"default-domain opset {default} is outside the "
-                                                           f"range TensorRT parses ({min_opset}-{max_opset})"))
+        findings.append(
+            Finding(
+                "<model>",
+                "opset_import",
+                f"default-domain opset {default} is outside the range TensorRT parses ({min_opset}-{max_opset})",
+            )
+        )
     functions = {(f.domain, f.name): f for f in model.functions}
     scope = (ChainMap(), ChainMap(), ChainMap())
     _check_graph(model.graph, scope, "", functions, findings, set())
     return findings
 
 
-def assert_tensorrt_compatible(model: onnx.ModelProto | str | Path, allow_warnings: bool = False,
-                               **kwargs) -> None:
+def assert_tensorrt_compatible(model: onnx.ModelProto | str | Path, allow_warnings: bool = False, **kwargs) -> None:
     """Raise TensorRTCompatibilityError listing every finding (warnings too, unless allow_warnings)."""
     findings = check_tensorrt_compatible(model, **kwargs)
     blocking = [f for f in findings if f.level == "error" or not allow_warnings]

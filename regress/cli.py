@@ -3,6 +3,7 @@
 Exit codes: 0 all checks pass, 1 a check failed (or --update refused), 2 missing/corrupt artifact,
 missing baseline or bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ from pathlib import Path
 
 from contracts.artifacts import ArtifactError
 
+from . import rules
 from .baseline import BASELINE_FILE, RegressError, load_baseline, write_baseline
 from .measure import Options, measure
-from . import rules
 from .rules import ABSOLUTE, DEFAULT_TOLERANCES, RULES, Rule, compare, format_table, resolve_tolerances
 
 REPORT_FILE = "regress.json"
@@ -38,18 +39,28 @@ def parse_tolerances(items: list[str]) -> dict[str, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m regress", description=__doc__.split("\n\n")[0],
-                                epilog=RULES_HELP + "\n" + __doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m regress",
+        description=__doc__.split("\n\n")[0],
+        epilog=RULES_HELP + "\n" + __doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", type=Path, required=True, help="run directory with checkpoint/ and onnx/ (runs/<name>)")
     p.add_argument("--baseline", type=Path, help=f"baseline file (default: RUN/{BASELINE_FILE})")
     p.add_argument("--update", action="store_true", help="rewrite the baseline with this run's figures (deliberately)")
     p.add_argument("--force", action="store_true", help="with --update: write even if an absolute check fails")
     p.add_argument("--serve", action="store_true", help="also classify the held-out split through a real tritonserver")
-    p.add_argument("--latency", action="store_true", help="also measure latency ratios (PyTorch, ORT, served with --serve)")
+    p.add_argument(
+        "--latency", action="store_true", help="also measure latency ratios (PyTorch, ORT, served with --serve)"
+    )
     p.add_argument("--latency-requests", type=int, default=100, help="timed single-example calls per path")
-    p.add_argument("--tolerances", nargs="+", default=[], metavar="KEY=VALUE",
-                   help=f"override tolerances; keys: {', '.join(DEFAULT_TOLERANCES)}")
+    p.add_argument(
+        "--tolerances",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override tolerances; keys: {', '.join(DEFAULT_TOLERANCES)}",
+    )
     p.add_argument("--rows", type=int, help="use only the first N held-out rows (must match the baseline)")
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime threads (default: all cores)")
     p.add_argument("--report", type=Path, help=f"JSON report of this check (default: RUN/{REPORT_FILE})")
@@ -58,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _describe(baseline: dict, path: Path) -> str:
     env = baseline.get("environment", {})
-    return (f"baseline {path}: written {env.get('date', '?')} on {env.get('host', '?')} "
-            f"({env.get('cpu_count', '?')} CPUs); command `{baseline.get('command', '?')}`")
+    return (
+        f"baseline {path}: written {env.get('date', '?')} on {env.get('host', '?')} "
+        f"({env.get('cpu_count', '?')} CPUs); command `{baseline.get('command', '?')}`"
+    )
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -75,43 +88,77 @@ def run(args: argparse.Namespace, command: str) -> int:
         print(f"note: {e}; --update replaces it")
         baseline = None
     if baseline is None and not args.update:
-        raise RegressError(f"no baseline at {path}: create one from this run with "
-                           f"`python -m regress --run {args.run} --update` (or `make regress RUN={args.run} "
-                           f"ARGS=--update`), after checking the run is good")
-    opts = Options(rows=args.rows, threads=args.threads, serve=args.serve, latency=args.latency,
-                   latency_requests=args.latency_requests)
+        raise RegressError(
+            f"no baseline at {path}: create one from this run with "
+            f"`python -m regress --run {args.run} --update` (or `make regress RUN={args.run} "
+            f"ARGS=--update`), after checking the run is good"
+        )
+    opts = Options(
+        rows=args.rows,
+        threads=args.threads,
+        serve=args.serve,
+        latency=args.latency,
+        latency_requests=args.latency_requests,
+    )
     figs = measure(args.run, opts)
     stored = (baseline or {}).get("tolerances") or {}
     tol = resolve_tolerances(figs.info["precision"], stored, cli_tol)
     rows = compare((baseline or {}).get("metrics", {}), figs.metrics, tol)
-    print(f"regression check of {args.run} ({figs.info['task']}, {figs.info['precision']}, "
-          f"{int(figs.metrics['data.heldout_rows'])} held-out rows)")
+    print(
+        f"regression check of {args.run} ({figs.info['task']}, {figs.info['precision']}, "
+        f"{int(figs.metrics['data.heldout_rows'])} held-out rows)"
+    )
     if baseline:
         print(_describe(baseline, path))
         if baseline.get("info", {}).get("heldout_sha256") not in (None, figs.info["heldout_sha256"]):
             print("note: the held-out split differs from the baseline's (the run was retrained on another split?)")
         if args.latency and baseline.get("info", {}).get("threads") != args.threads:
-            print(f"note: the baseline's latency was measured with --threads {baseline.get('info', {}).get('threads')}, "
-                  f"this run with {args.threads}: latency ratios are comparable only at equal thread counts")
-    print("tolerances: " + ", ".join(f"{k} {v:g}" + (" (cli)" if k in cli_tol else " (baseline)" if k in stored else "")
-                                     for k, v in tol.items() if v is not None))
+            print(
+                f"note: the baseline's latency was measured with --threads {baseline.get('info', {}).get('threads')}, "
+                f"this run with {args.threads}: latency ratios are comparable only at equal thread counts"
+            )
+    print(
+        "tolerances: "
+        + ", ".join(
+            f"{k} {v:g}" + (" (cli)" if k in cli_tol else " (baseline)" if k in stored else "")
+            for k, v in tol.items()
+            if v is not None
+        )
+    )
     print(format_table(rows))
     report = args.report or args.run / REPORT_FILE
     failed = [r.metric for r in rows if r.status == "FAIL"]
-    report.write_text(json.dumps({"baseline": str(path), "command": command, "tolerances": tol,
-                                  "passed": not failed, "failed": failed, "rows": [r.__dict__ for r in rows],
-                                  "metrics": figs.metrics, "info": figs.info}, indent=2) + "\n")
+    report.write_text(
+        json.dumps(
+            {
+                "baseline": str(path),
+                "command": command,
+                "tolerances": tol,
+                "passed": not failed,
+                "failed": failed,
+                "rows": [r.__dict__ for r in rows],
+                "metrics": figs.metrics,
+                "info": figs.info,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     if not args.update:
         return 1 if failed else 0
     absolute = [r.metric for r in rows if r.status == "FAIL" and RULES.get(r.metric, Rule("info")).kind in ABSOLUTE]
     if absolute and not args.force:
-        print(f"refusing to write a baseline: {', '.join(absolute)} fail their absolute limits "
-              "(fix the run, or pass --force to record it anyway)")
+        print(
+            f"refusing to write a baseline: {', '.join(absolute)} fail their absolute limits "
+            "(fix the run, or pass --force to record it anyway)"
+        )
         return 1
     dropped = sorted(set((baseline or {}).get("metrics", {})) - set(figs.metrics))
     write_baseline(path, figs, {**stored, **cli_tol}, command)
-    print(f"baseline {'rewritten deliberately' if baseline else 'created'}: {path} ({len(figs.metrics)} metrics)"
-          + (f"; dropped, not measured in this run: {', '.join(dropped)}" if dropped else ""))
+    print(
+        f"baseline {'rewritten deliberately' if baseline else 'created'}: {path} ({len(figs.metrics)} metrics)"
+        + (f"; dropped, not measured in this run: {', '.join(dropped)}" if dropped else "")
+    )
     return 0
 
 

@@ -5,20 +5,22 @@ time look fine. The held-out split saved with the checkpoint (`checkpoint/heldou
 data; `--serve` classifies it through a real tritonserver on free 127.0.0.1 ports, and `--latency`
 times the paths one example per call, interleaved in one run (only ratios are compared).
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from contracts.machine import environment
 from contracts.artifacts import ArtifactError
+from contracts.machine import environment
+
 
 def _read_json(path: Path, fix: str) -> dict:
     if not path.is_file():
@@ -48,8 +50,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def in_chunks(fn: Callable, texts: list[str], pairs: list[str] | None, size: int = 64) -> np.ndarray:
     """fn(texts, pairs) -> (B, C) applied chunk by chunk; (N, C)."""
-    return np.concatenate([fn(texts[i:i + size], None if pairs is None else pairs[i:i + size])
-                           for i in range(0, len(texts), size)])
+    return np.concatenate(
+        [fn(texts[i : i + size], None if pairs is None else pairs[i : i + size]) for i in range(0, len(texts), size)]
+    )
 
 
 class PyTorchClassifier:
@@ -67,8 +70,9 @@ class PyTorchClassifier:
         self._torch = torch
 
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
-        enc = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.meta["max_length"],
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts, pairs, padding=True, truncation=True, max_length=self.meta["max_length"], return_tensors="pt"
+        )
         batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}  # (B, T)
         with self._torch.no_grad():
             return self.model(batch)[0].float().numpy()  # (B, C)
@@ -109,8 +113,12 @@ def time_interleaved(calls: dict[str, Callable[[int], object]], n: int, warmup: 
 
 
 def latency_summary(ms: np.ndarray) -> dict:
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "requests": int(ms.size)}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "requests": int(ms.size),
+    }
 
 
 @contextlib.contextmanager
@@ -168,7 +176,6 @@ class Heldout:
 
 def load_heldout(run: str | Path, rows: int | None = None) -> Heldout:
     """Verify checkpoint/ and onnx/ (manifests, io_spec, graph I/O, labels) and read the held-out split."""
-    from serving.artifacts import load_run
     from training.checkpoint import HELDOUT_FILE, read_checkpoint_config, read_examples
 
     run = Path(run)
@@ -176,16 +183,24 @@ def load_heldout(run: str | Path, rows: int | None = None) -> Heldout:
     meta = read_checkpoint_config(ckpt)  # verifies checkpoint/manifest.json
     export = _load_export(run)
     if tuple(meta["labels"]) != tuple(export.spec.labels):
-        raise ArtifactError(f"{export.export_dir}/io_spec.json labels {list(export.spec.labels)} differ from "
-                            f"{ckpt}/config.json {meta['labels']}: the export is stale; re-run `make export`")
+        raise ArtifactError(
+            f"{export.export_dir}/io_spec.json labels {list(export.spec.labels)} differ from "
+            f"{ckpt}/config.json {meta['labels']}: the export is stale; re-run `make export`"
+        )
     examples = read_examples(ckpt, HELDOUT_FILE)[:rows]
     if not examples:
         raise ArtifactError(f"{ckpt / HELDOUT_FILE} holds no rows; re-run `make train`")
     labels = list(meta["labels"])
-    return Heldout(run, meta, export, [r["text"] for r in examples],
-                   [r["text_pair"] for r in examples] if meta["text_pair"] else None,
-                   np.array([float(r["label"]) if meta.get("task_type") == "regression" else labels.index(r["label"])
-                             for r in examples]))
+    return Heldout(
+        run,
+        meta,
+        export,
+        [r["text"] for r in examples],
+        [r["text_pair"] for r in examples] if meta["text_pair"] else None,
+        np.array(
+            [float(r["label"]) if meta.get("task_type") == "regression" else labels.index(r["label"]) for r in examples]
+        ),
+    )
 
 
 def _load_export(run: Path):
@@ -220,8 +235,9 @@ def _recorded_figures(data: Heldout, m: dict) -> dict:
         gated = ExportReport.load(data.export.export_dir / PARITY_FILE).gated()
     except ReportError as e:
         raise ArtifactError(str(e)) from None
-    m[f"{data.metric}.checkpoint"] = float((recorded.get("test_metrics") or {}).get(data.metric,
-                                                                                  recorded.get("test_accuracy", 0.0)))
+    m[f"{data.metric}.checkpoint"] = float(
+        (recorded.get("test_metrics") or {}).get(data.metric, recorded.get("test_accuracy", 0.0))
+    )
     if gated.end_to_end.label_agreement is not None:
         m["agreement.export"] = gated.end_to_end.label_agreement
     m["parity.export_forced_route_max_abs"] = gated.end_to_end.forced_route_max_abs
@@ -246,10 +262,17 @@ def _served_figures(data: Heldout, pt: np.ndarray, ort1: np.ndarray, inproc, opt
             figs.metrics["agreement.served"] = _agreement(probs, pt)
             figs.metrics["parity.served_probabilities_max_abs"] = float(np.abs(probs - softmax(ort1)).max())
         if opts.latency:
-            ms = time_interleaved({"onnxruntime": lambda i: inproc.classify(*data.example(i)),
-                                   "triton": lambda i: client.classify(data.export.task, *data.example(i))},
-                                  opts.latency_requests, opts.warmup)
-            figs.metrics["latency.served_over_inprocess_p50"] = float(np.median(ms["triton"]) / np.median(ms["onnxruntime"]))
+            ms = time_interleaved(
+                {
+                    "onnxruntime": lambda i: inproc.classify(*data.example(i)),
+                    "triton": lambda i: client.classify(data.export.task, *data.example(i)),
+                },
+                opts.latency_requests,
+                opts.warmup,
+            )
+            figs.metrics["latency.served_over_inprocess_p50"] = float(
+                np.median(ms["triton"]) / np.median(ms["onnxruntime"])
+            )
             figs.info["latency_served"] = {k: latency_summary(v) for k, v in ms.items()}
             figs.latencies_ms.update({f"served/{k}": v for k, v in ms.items()})
 
@@ -278,17 +301,30 @@ def measure(run: str | Path, opts: Options) -> Figures:
     row_err = np.abs(ort1 - pt).max(-1)  # (N,): a route flip at a near-tie moves one row, not the quantile
     m["parity.logits_p99_abs"], m["parity.logits_max_abs"] = float(np.quantile(row_err, 0.99)), float(row_err.max())
     if opts.latency:
-        ms = time_interleaved({"pytorch": lambda i: pytorch.logits(*data.example(i)),
-                               "onnxruntime": lambda i: inproc.classify(*data.example(i))}, opts.latency_requests, opts.warmup)
+        ms = time_interleaved(
+            {
+                "pytorch": lambda i: pytorch.logits(*data.example(i)),
+                "onnxruntime": lambda i: inproc.classify(*data.example(i)),
+            },
+            opts.latency_requests,
+            opts.warmup,
+        )
         m["latency.ort_over_pytorch_p50"] = float(np.median(ms["onnxruntime"]) / np.median(ms["pytorch"]))
         figs.info["latency_in_process"] = {k: latency_summary(v) for k, v in ms.items()}
         figs.latencies_ms.update({f"in_process/{k}": v for k, v in ms.items()})
     if opts.serve:
         _served_figures(data, pt, ort1, inproc, opts, figs)
-    figs.info.update(run=str(data.run), task=data.export.task, precision=data.export.spec.precision,
-                     labels=list(data.labels), heldout_sha256=_manifest_sha(data.run / "checkpoint", HELDOUT_FILE),
-                     threads=opts.threads, checkpoint_device=recorded.get("device"),
-                     measure_s=time.perf_counter() - t0, environment=environment())
+    figs.info.update(
+        run=str(data.run),
+        task=data.export.task,
+        precision=data.export.spec.precision,
+        labels=list(data.labels),
+        heldout_sha256=_manifest_sha(data.run / "checkpoint", HELDOUT_FILE),
+        threads=opts.threads,
+        checkpoint_device=recorded.get("device"),
+        measure_s=time.perf_counter() - t0,
+        environment=environment(),
+    )
     return figs
 
 

@@ -11,13 +11,20 @@ contracts.parity_report / export.parity.GATES) < the baseline's "tolerances" < -
   latency.*    ratio <= baseline ratio * (1 + `latency`)
   data.*       held-out rows equal to the baseline's (otherwise accuracies are not comparable)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 DEFAULT_TOLERANCES: dict[str, float | None] = {
-    "accuracy": 0.005, "agreement": None, "agreement_level4": 0.98, "parity": None, "forced_parity": None,
-    "served_parity": 1e-4, "latency": 0.25, "size": 0.05,
+    "accuracy": 0.005,
+    "agreement": None,
+    "agreement_level4": 0.98,
+    "parity": None,
+    "forced_parity": None,
+    "served_parity": 1e-4,
+    "latency": 0.25,
+    "size": 0.05,
 }
 
 
@@ -33,8 +40,16 @@ RULES = {
     "accuracy.onnxruntime": Rule("drop", "accuracy"),  # exported graphs, ORT accuracy level 1
     "accuracy.onnxruntime_level4": Rule("drop", "accuracy"),
     "accuracy.served": Rule("drop", "accuracy"),
-    **{f"pearson.{k}": Rule("drop", "accuracy") for k in  # regression tasks: the same rule on Pearson's r
-       ("checkpoint", "pytorch", "onnxruntime", "onnxruntime_level4", "served")},
+    **{
+        f"pearson.{k}": Rule("drop", "accuracy")
+        for k in (  # regression tasks: the same rule on Pearson's r
+            "checkpoint",
+            "pytorch",
+            "onnxruntime",
+            "onnxruntime_level4",
+            "served",
+        )
+    },
     "agreement.onnxruntime": Rule("min", "agreement"),
     "agreement.onnxruntime_level4": Rule("min", "agreement_level4"),
     "agreement.served": Rule("min", "agreement"),
@@ -90,11 +105,19 @@ def check(metric: str, baseline: float | None, current: float | None, tol: dict)
         return Row(metric, baseline, current, t, "PASS" if ok else "FAIL", t)
     if baseline is None or rule.kind == "info":
         return Row(metric, baseline, current, None, "NEW" if baseline is None else "INFO", t)
-    limit = {"drop": lambda: baseline - t, "ratio": lambda: baseline * (1 + t), "growth": lambda: baseline * (1 + t),
-             "equal": lambda: baseline}[rule.kind]()
+    limit = {
+        "drop": lambda: baseline - t,
+        "ratio": lambda: baseline * (1 + t),
+        "growth": lambda: baseline * (1 + t),
+        "equal": lambda: baseline,
+    }[rule.kind]()
     eps = 1e-9 * max(1.0, abs(limit))  # float noise in a JSON round trip must not fail a check
-    ok = {"drop": current >= limit - eps, "ratio": current <= limit + eps, "growth": current <= limit + eps,
-          "equal": abs(current - limit) <= eps}[rule.kind]
+    ok = {
+        "drop": current >= limit - eps,
+        "ratio": current <= limit + eps,
+        "growth": current <= limit + eps,
+        "equal": abs(current - limit) <= eps,
+    }[rule.kind]
     return Row(metric, baseline, current, limit, "PASS" if ok else "FAIL", t)
 
 
@@ -129,25 +152,35 @@ def _limit(r: Row) -> str:
     kind = RULES.get(r.metric, Rule("info")).kind
     if r.status == "NOT RUN":
         served, timed = "served" in r.metric, r.metric.startswith("latency.")
-        return {(True, True): "needs --serve --latency", (True, False): "needs --serve",
-                (False, True): "needs --latency"}.get((served, timed), "not measured")
+        return {
+            (True, True): "needs --serve --latency",
+            (True, False): "needs --serve",
+            (False, True): "needs --latency",
+        }.get((served, timed), "not measured")
     if r.limit is None:
         return "-"
-    text = {"drop": f">= {_fmt(r.metric, r.limit)} (-{100 * (r.tolerance or 0):.2f} pt)",
-            "min": f">= {_fmt(r.metric, r.limit)}", "max": f"<= {_fmt(r.metric, r.limit)}",
-            "ratio": f"<= {_fmt(r.metric, r.limit)} (+{100 * (r.tolerance or 0):.0f}%)",
-            "growth": f"<= {_fmt(r.metric, r.limit)} (+{100 * (r.tolerance or 0):.0f}%)",
-            "equal": f"== {_fmt(r.metric, r.limit)}"}
+    text = {
+        "drop": f">= {_fmt(r.metric, r.limit)} (-{100 * (r.tolerance or 0):.2f} pt)",
+        "min": f">= {_fmt(r.metric, r.limit)}",
+        "max": f"<= {_fmt(r.metric, r.limit)}",
+        "ratio": f"<= {_fmt(r.metric, r.limit)} (+{100 * (r.tolerance or 0):.0f}%)",
+        "growth": f"<= {_fmt(r.metric, r.limit)} (+{100 * (r.tolerance or 0):.0f}%)",
+        "equal": f"== {_fmt(r.metric, r.limit)}",
+    }
     return text[kind]
 
 
 def format_table(rows: list[Row]) -> str:
     head = f"{'metric':<38} {'baseline':>12} {'current':>12} {'delta':>10}  {'limit':<26} result"
     lines = [head, "-" * len(head)]
-    lines += [f"{r.metric:<38} {_fmt(r.metric, r.baseline):>12} {_fmt(r.metric, r.current):>12} {_delta(r):>10}  "
-              f"{_limit(r):<26} {r.status}" for r in rows]
+    lines += [
+        f"{r.metric:<38} {_fmt(r.metric, r.baseline):>12} {_fmt(r.metric, r.current):>12} {_delta(r):>10}  "
+        f"{_limit(r):<26} {r.status}"
+        for r in rows
+    ]
     failed = [r.metric for r in rows if r.status == "FAIL"]
     checked = sum(r.status in ("PASS", "FAIL") for r in rows)
-    lines.append(f"{len(failed)} of {checked} checks FAILED: {', '.join(failed)}" if failed
-                 else f"all {checked} checks passed")
+    lines.append(
+        f"{len(failed)} of {checked} checks FAILED: {', '.join(failed)}" if failed else f"all {checked} checks passed"
+    )
     return "\n".join(lines)

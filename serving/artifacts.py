@@ -5,6 +5,7 @@ io_spec.json, tokenizer/ and manifest.json; `runs/<name>/engines/` holds TensorR
 were built, named `<graph>.sm<major><minor>.trt<A>.<B>.plan` (export/tensorrt_build.engine_filename,
 e.g. backbone.sm90.trt10.8.plan; sm100 is compute capability 10.0) or plainly `<graph>.plan`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,15 +16,19 @@ from pathlib import Path
 import onnx
 from tokenizers import Tokenizer
 
+from contracts.artifacts import ArtifactError, verify_manifest
 from export.io_spec import IOSpec, ModelIO, load_io_spec
 from serving.contract import check_task_name
-from contracts.artifacts import ArtifactError, verify_manifest
 
 GRAPHS = ("backbone", "adapter")
 TOKENIZER_DIR = "tokenizer"
 _ENGINE = re.compile(r"^(?P<graph>backbone|adapter)(?:\.sm(?P<major>\d+)(?P<minor>\d)\.trt(?P<trt>\d+\.\d+))?\.plan$")
-_ONNX_TYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
-               onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+_ONNX_TYPES = {
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 
 
 def onnx_files(path: Path) -> list[Path]:
@@ -43,12 +48,16 @@ def check_graph_io(path: Path, io: ModelIO) -> None:
         found = {v.name: v.type.tensor_type for v in values}
         for spec in specs:
             if spec.name not in found:
-                raise ArtifactError(f"{path}: io_spec.json names {kind} {spec.name!r}, the graph has {sorted(found)}; re-run `make export`")
+                raise ArtifactError(
+                    f"{path}: io_spec.json names {kind} {spec.name!r}, the graph has {sorted(found)}; re-run `make export`"
+                )
             t = found[spec.name]
             dtype, rank = _ONNX_TYPES.get(t.elem_type, str(t.elem_type)), len(t.shape.dim)
             if dtype != spec.dtype or rank != len(spec.shape):
-                raise ArtifactError(f"{path}: {kind} {spec.name} is {dtype} rank {rank}, io_spec.json says "
-                                    f"{spec.dtype} {spec.shape}; re-run `make export`")
+                raise ArtifactError(
+                    f"{path}: {kind} {spec.name} is {dtype} rank {rank}, io_spec.json says "
+                    f"{spec.dtype} {spec.shape}; re-run `make export`"
+                )
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,8 @@ class ExportedRun:
         limits = {"max_length": min(n for n in (s.max_length, s.max_positions) if n)}
         if graph == "backbone":
             limits["vocab_size"] = s.vocab_size or Tokenizer.from_file(
-                str(self.export_dir / TOKENIZER_DIR / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+                str(self.export_dir / TOKENIZER_DIR / "tokenizer.json")
+            ).get_vocab_size(with_added_tokens=True)
             if s.has_token_type_ids:
                 limits["type_vocab_size"] = s.type_vocab_size or 2
         return limits
@@ -130,10 +140,14 @@ def load_run(path: str | Path) -> ExportedRun:
     except ValueError as e:
         raise ArtifactError(f"{export_dir}/io_spec.json: {e}") from None
     if len(spec.adapter.outputs) != 1 or spec.adapter.outputs[0].shape[-1] != len(spec.labels):
-        raise ArtifactError(f"{export_dir}/io_spec.json: the adapter must have one (B, {len(spec.labels)}) logits output, "
-                            f"got {spec.adapter.outputs}")
+        raise ArtifactError(
+            f"{export_dir}/io_spec.json: the adapter must have one (B, {len(spec.labels)}) logits output, "
+            f"got {spec.adapter.outputs}"
+        )
     if not (export_dir / TOKENIZER_DIR / "tokenizer.json").is_file():
-        raise ArtifactError(f"{export_dir}/{TOKENIZER_DIR}/tokenizer.json is missing: the export must save a fast tokenizer")
+        raise ArtifactError(
+            f"{export_dir}/{TOKENIZER_DIR}/tokenizer.json is missing: the export must save a fast tokenizer"
+        )
     for name in GRAPHS:
         if not (export_dir / f"{name}.onnx").is_file():
             raise ArtifactError(f"{export_dir}/{name}.onnx is missing; re-run `make export`")

@@ -6,6 +6,7 @@ task over plain HTTP/JSON, remembers the first answer, and is healthy only while
 the same (label and probabilities within 1e-4). A queue rejection is not a failure of the server:
 it is reported as overloaded, so that a busy server is not restarted.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,11 +62,14 @@ class Canary:
         self._lock = threading.Lock()
 
     def _infer(self, task: str, pair: bool) -> np.ndarray:
-        inputs = [{"name": n, "shape": [1, 1], "datatype": "BYTES", "data": [CANARY_TEXT]}
-                  for n in ((TEXT, TEXT_PAIR) if pair else (TEXT,))]
+        inputs = [
+            {"name": n, "shape": [1, 1], "datatype": "BYTES", "data": [CANARY_TEXT]}
+            for n in ((TEXT, TEXT_PAIR) if pair else (TEXT,))
+        ]
         body = json.dumps({"inputs": inputs}).encode()  # every output: probabilities, or a regression's score
-        request = urllib.request.Request(f"http://{self.url}/v2/models/{task}/infer", body,
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{task}/infer", body, {"Content-Type": "application/json"}
+        )
         with DIRECT.open(request, timeout=self.timeout_s) as r:
             outputs = {o["name"]: o for o in json.loads(r.read())["outputs"]}
         return np.asarray(outputs[PROBABILITIES if PROBABILITIES in outputs else SCORE]["data"], np.float64)
@@ -81,7 +85,10 @@ class Canary:
             return "broken", f"task {task}: no answer ({type(e).__name__}: {e})"
         first = self.baseline.setdefault(task, probs)
         if first.shape != probs.shape or np.abs(first - probs).max() > self.tolerance:
-            return "broken", f"task {task}: answered {probs.round(5).tolist()}, the first canary {first.round(5).tolist()}"
+            return (
+                "broken",
+                f"task {task}: answered {probs.round(5).tolist()}, the first canary {first.round(5).tolist()}",
+            )
         return "ok", ""
 
     def check(self) -> CanaryResult:

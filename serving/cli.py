@@ -12,6 +12,7 @@ write is refused) is regenerated and validated, then tritonserver runs supervise
 foreground until Ctrl-C: restarted when it crashes or stops answering, with its state in
 .cache/serving/tritonserver-<http-port>.status.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,46 +21,79 @@ import signal
 import sys
 from dataclasses import fields
 
+from contracts.artifacts import ArtifactError
 from serving.config import ConfigError, ServeConfig
 from serving.errors import RepositoryError, ServerError
 from serving.guard import GuardLimits
 from serving.repository import DEFAULT_REPOSITORY, check_replaceable, generate_repository
 from serving.server import CACHE_DIR, ServerOptions, TritonServer
 from serving.supervisor import RepositoryLock, Supervisor, SupervisorConfig, serving_processes
-from contracts.artifacts import ArtifactError
 
 log = logging.getLogger("serving")
 
-NGC_HINT = ("The gpu target needs Triton's TensorRT backend, which the embedded tritonserver lacks. Run it in the "
-            "NGC container whose TensorRT version matches the engines, with this project installed "
-            "(pip install .) for the python models, e.g.\n"
-            "  docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {repo}:/models "
-            "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models")
+NGC_HINT = (
+    "The gpu target needs Triton's TensorRT backend, which the embedded tritonserver lacks. Run it in the "
+    "NGC container whose TensorRT version matches the engines, with this project installed "
+    "(pip install .) for the python models, e.g.\n"
+    "  docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v {repo}:/models "
+    "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="exported runs (runs/<name> or runs/<name>/onnx)")
-    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                   help=next(f for f in fields(ServeConfig) if f.name == "target").metadata["help"])
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="model repository to (re)generate (default: %(default)s)")
-    p.add_argument("--generate-only", action="store_true", help="write and validate the repository, do not start the server")
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--runs", nargs="+", required=True, metavar="RUN", help="exported runs (runs/<name> or runs/<name>/onnx)"
+    )
+    p.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help=next(f for f in fields(ServeConfig) if f.name == "target").metadata["help"],
+    )
+    p.add_argument(
+        "--repository", default=str(DEFAULT_REPOSITORY), help="model repository to (re)generate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--generate-only", action="store_true", help="write and validate the repository, do not start the server"
+    )
     srv = p.add_argument_group("server (all endpoints bind to --host)")
-    srv.add_argument("--host", default="127.0.0.1", help="address for the http, grpc and metrics endpoints (default: %(default)s)")
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="address for the http, grpc and metrics endpoints (default: %(default)s)"
+    )
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=8001)
     srv.add_argument("--metrics-port", type=int, default=8002)
     srv.add_argument("--log-file", help="tritonserver log (default: .cache/serving/tritonserver-<http-port>.log)")
     srv.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /v2/health/ready")
-    srv.add_argument("--max-request-bytes", type=int, default=GuardLimits().max_body_bytes,
-                     help="largest HTTP request body the guard forwards (default: %(default)s)")
-    srv.add_argument("--max-json-depth", type=int, default=GuardLimits().max_json_depth,
-                     help="deepest JSON nesting the guard forwards (default: %(default)s)")
-    srv.add_argument("--no-http-guard", action="store_true",
-                     help="expose tritonserver's HTTP endpoint directly (debugging only: one deep JSON request crashes it)")
-    srv.add_argument("--max-restarts", type=int, default=SupervisorConfig().max_restarts,
-                     help="restarts within 10 minutes before the supervisor gives up (default: %(default)s)")
+    srv.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=GuardLimits().max_body_bytes,
+        help="largest HTTP request body the guard forwards (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=GuardLimits().max_json_depth,
+        help="deepest JSON nesting the guard forwards (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--no-http-guard",
+        action="store_true",
+        help="expose tritonserver's HTTP endpoint directly (debugging only: one deep JSON request crashes it)",
+    )
+    srv.add_argument(
+        "--max-restarts",
+        type=int,
+        default=SupervisorConfig().max_restarts,
+        help="restarts within 10 minutes before the supervisor gives up (default: %(default)s)",
+    )
     cfg = p.add_argument_group("models (ServeConfig)")
     defaults = ServeConfig()
     for f in fields(ServeConfig):
@@ -82,17 +116,27 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
     limits = GuardLimits(max_body_bytes=args.max_request_bytes, max_json_depth=args.max_json_depth)
-    return ServerOptions(repository=args.repository, host=args.host, http_port=args.http_port,
-                         grpc_port=args.grpc_port, metrics_port=args.metrics_port, log_file=args.log_file,
-                         startup_timeout_s=args.startup_timeout, guard=not args.no_http_guard, guard_limits=limits)
+    return ServerOptions(
+        repository=args.repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        startup_timeout_s=args.startup_timeout,
+        guard=not args.no_http_guard,
+        guard_limits=limits,
+    )
 
 
 def check_free(server: TritonServer) -> None:
     """Before anything is written: nothing serves the repository and the three ports are free."""
     pids = serving_processes(server.options.repository)
     if pids:
-        raise ServerError(f"tritonserver (pid {', '.join(map(str, pids))}) is serving {server.options.repository}; "
-                          "stop it before regenerating that repository, or use another --repository")
+        raise ServerError(
+            f"tritonserver (pid {', '.join(map(str, pids))}) is serving {server.options.repository}; "
+            "stop it before regenerating that repository, or use another --repository"
+        )
     server.check_ports()
 
 

@@ -7,13 +7,14 @@ the tasks the server has (ensembles `X` with a `postprocess_X` model among the l
 from the statistics API: the repository API needs the admin key). A request the server's queues
 reject under overload raises ServerBusyError: retry later.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
@@ -75,8 +76,17 @@ def _is_unavailable(exc: BaseException) -> bool:
         text = f"{exc.status()} {exc}"
         if any(m in text for m in OVERLOAD_MARKERS):
             return False
-        return any(s in text for s in ("UNAVAILABLE", "Connection refused", "Broken pipe", "Socket closed",
-                                       UNAVAILABLE, "closed the connection without answering"))
+        return any(
+            s in text
+            for s in (
+                "UNAVAILABLE",
+                "Connection refused",
+                "Broken pipe",
+                "Socket closed",
+                UNAVAILABLE,
+                "closed the connection without answering",
+            )
+        )
     return type(exc).__module__.startswith(("geventhttpclient", "gevent"))  # HTTP parser errors on a cut connection
 
 
@@ -99,13 +109,18 @@ class Client:
             if _is_unavailable(exc):
                 raise ServerUnavailableError(
                     f"cannot reach the Triton server at {self.protocol}://{self.url} ({type(exc).__name__}: {exc}); "
-                    "start it with `make serve` (or `python -m serving --runs runs/<name>`)") from exc
+                    "start it with `make serve` (or `python -m serving --runs runs/<name>`)"
+                ) from exc
             raise
 
     def tasks(self) -> list[str]:
         """The tasks the server serves, from the statistics of its loaded models (open without the admin key)."""
         stats = self._call(self._client.get_inference_statistics)
-        names = [m["name"] for m in stats["model_stats"]] if self.protocol == "http" else [m.name for m in stats.model_stats]
+        names = (
+            [m["name"] for m in stats["model_stats"]]
+            if self.protocol == "http"
+            else [m.name for m in stats.model_stats]
+        )
         return sorted(t for t in map(task_of_postprocess, names) if t in names)
 
     def _get_config(self, model: str) -> dict:
@@ -121,18 +136,23 @@ class Client:
             except InferenceServerException:
                 raise UnknownTaskError(task, self.tasks()) from None
             params = post["parameters"]
-            self._tasks[task] = TaskInfo(tuple(json.loads(params["labels"]["string_value"])),
-                                         int(ensemble.get("max_batch_size", 0)),
-                                         any(t["name"] == TEXT_PAIR for t in ensemble.get("input", [])),
-                                         params.get("task_type", {}).get("string_value", "classification"))
+            self._tasks[task] = TaskInfo(
+                tuple(json.loads(params["labels"]["string_value"])),
+                int(ensemble.get("max_batch_size", 0)),
+                any(t["name"] == TEXT_PAIR for t in ensemble.get("input", [])),
+                params.get("task_type", {}).get("string_value", "classification"),
+            )
         return self._tasks[task]
 
     def _inputs(self, texts: Sequence[str], pairs: Sequence[str] | None) -> list:
         def tensor(name: str, values: Sequence[str]):
-            array = np.array([[v.encode("utf-8") if isinstance(v, str) else bytes(v)] for v in values], dtype=np.object_)
+            array = np.array(
+                [[v.encode("utf-8") if isinstance(v, str) else bytes(v)] for v in values], dtype=np.object_
+            )
             t = self._module.InferInput(name, list(array.shape), "BYTES")  # (B, 1)
             t.set_data_from_numpy(array)
             return t
+
         return [tensor(TEXT, texts)] + ([tensor(TEXT_PAIR, pairs)] if pairs is not None else [])
 
     def _infer(self, task: str, info: TaskInfo, texts: Sequence[str], pairs: Sequence[str] | None) -> list[Prediction]:
@@ -147,20 +167,24 @@ class Client:
         if regression:
             return [Prediction(f"{float(s[0]):.4g}", {}, float(s[0])) for s in result.as_numpy(SCORE)]  # (B, 1)
         labels, probs = result.as_numpy(LABEL), result.as_numpy(PROBABILITIES)  # (B, 1), (B, C)
-        return [Prediction(bytes(lab[0]).decode("utf-8"), dict(zip(info.labels, map(float, p))))
-                for lab, p in zip(labels, probs)]
+        return [
+            Prediction(bytes(lab[0]).decode("utf-8"), dict(zip(info.labels, map(float, p))))
+            for lab, p in zip(labels, probs)
+        ]
 
     def classify(self, task: str, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Prediction]:
         """One Prediction per text, in order; sent in chunks of the task's max_batch_size."""
         info = self.task_info(task)
         if info.text_pair != (pairs is not None):
-            raise ValueError(f"task {task!r} {'classifies text pairs: pass pairs=' if info.text_pair else 'takes single texts: drop pairs='}")
+            raise ValueError(
+                f"task {task!r} {'classifies text pairs: pass pairs=' if info.text_pair else 'takes single texts: drop pairs='}"
+            )
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(pairs)} pairs")
         step = info.max_batch_size or len(texts) or 1
         predictions: list[Prediction] = []
         for i in range(0, len(texts), step):
-            predictions += self._infer(task, info, texts[i:i + step], None if pairs is None else pairs[i:i + step])
+            predictions += self._infer(task, info, texts[i : i + step], None if pairs is None else pairs[i : i + step])
         return predictions
 
     def is_ready(self) -> bool:
@@ -172,7 +196,7 @@ class Client:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,8 +225,11 @@ def _read_examples(args) -> tuple[list[str], list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.client",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("texts", nargs="*", help="texts to classify (else --file, else stdin)")
     parser.add_argument("--task", required=True, help="served task (ensemble) name, e.g. sentiment")
     parser.add_argument("--url", help="server address host:port (default 127.0.0.1:8000 for http, :8001 for grpc)")
@@ -220,8 +247,18 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if isinstance(e, ServerUnavailableError) else 4 if isinstance(e, UnknownTaskError) else 1
     for text, p in zip(texts, predictions):
         if args.json:
-            print(json.dumps({"text": text, **({"score": p.score} if p.score is not None else
-                                               {"label": p.label, "probabilities": p.probabilities})}))
+            print(
+                json.dumps(
+                    {
+                        "text": text,
+                        **(
+                            {"score": p.score}
+                            if p.score is not None
+                            else {"label": p.label, "probabilities": p.probabilities}
+                        ),
+                    }
+                )
+            )
         elif p.score is not None:
             print(f"score={p.score:.4f}\t{text}")
         else:

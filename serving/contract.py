@@ -4,10 +4,17 @@ The backbone and adapter tensors come from `export/io_spec.py` unchanged. The en
 inputs (`text`, `text_pair`) and outputs (`label`, `probabilities`) are defined here once, and the
 config generator, the python models and the client all read them from here.
 """
+
 from __future__ import annotations
 
-from contracts.task_names import (ADAPTER_PREFIX, BACKBONE, POSTPROCESS_PREFIX, TOKENIZER,  # noqa: F401 (re-exported)
-                                  check_task_name, task_name_from_file)
+from contracts.task_names import (  # noqa: F401 (re-exported)
+    ADAPTER_PREFIX,
+    BACKBONE,
+    POSTPROCESS_PREFIX,
+    TOKENIZER,
+    check_task_name,
+    task_name_from_file,
+)
 from export.io_spec import IOSpec, TensorSpec
 
 TEXT = "text"
@@ -37,7 +44,7 @@ def tokenizer_model(task: str, shared: bool) -> str:
 
 def task_of_postprocess(model: str) -> str | None:
     """`postprocess_<task>` -> task; how a client tells tasks from components in the repository index."""
-    return model[len(_POSTPROCESS):] if model.startswith(_POSTPROCESS) else None
+    return model[len(_POSTPROCESS) :] if model.startswith(_POSTPROCESS) else None
 
 
 def text_inputs(spec: IOSpec) -> tuple[TensorSpec, ...]:
@@ -52,5 +59,4 @@ def prediction_outputs(spec: IOSpec) -> tuple[TensorSpec, ...]:
     logits = spec.adapter.outputs[0]
     if spec.task_type == "regression":
         return (TensorSpec(SCORE, "float32", (-1, 1)),)
-    return (TensorSpec(LABEL, "bytes", (-1, 1)),
-            TensorSpec(PROBABILITIES, "float32", logits.shape))
+    return (TensorSpec(LABEL, "bytes", (-1, 1)), TensorSpec(PROBABILITIES, "float32", logits.shape))

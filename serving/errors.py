@@ -1,4 +1,5 @@
 """Errors of the serving stage, one per thing that can be wrong."""
+
 from __future__ import annotations
 
 

@@ -16,6 +16,7 @@ on the public HTTP port and forwards a request to tritonserver (on a private 127
 so. Responses are copied back unchanged. Clients must not pipeline requests (tritonclient, curl and
 requests do not).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +25,9 @@ import json
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Callable
 
 import numpy as np
 
@@ -82,9 +83,15 @@ def check_json(data: bytes, max_depth: int, infer: bool) -> str | None:
 def error_response(status: int, message: str, close: bool = True, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 response with Triton's error body {"error": message}."""
     body = json.dumps({"error": message}).encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}"] + (["Connection: close"] if close else []) + \
-            ([f"Retry-After: {retry_after}"] if retry_after else [])
+    lines = (
+        [
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
+        + (["Connection: close"] if close else [])
+        + ([f"Retry-After: {retry_after}"] if retry_after else [])
+    )
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -96,7 +103,7 @@ class RequestHead:
     raw: bytes
 
     @classmethod
-    def parse(cls, raw: bytes) -> "RequestHead | None":
+    def parse(cls, raw: bytes) -> RequestHead | None:
         try:
             lines = raw.decode("latin-1").split("\r\n")
             method, target, version = lines[0].split(" ")
@@ -131,8 +138,13 @@ class _Connection:
 class HttpGuard:
     """The guard on (host, port), forwarding to `target` (None while tritonserver is down), in its own thread."""
 
-    def __init__(self, host: str, port: int, limits: GuardLimits = GuardLimits(),
-                 readiness: Callable[[], tuple[bool, str]] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limits: GuardLimits = GuardLimits(),
+        readiness: Callable[[], tuple[bool, str]] | None = None,
+    ):
         self.host, self.port, self.limits = host, port, limits
         self.readiness = readiness
         self.target: tuple[str, int] | None = None
@@ -140,23 +152,30 @@ class HttpGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "HttpGuard":
+    def start(self) -> HttpGuard:
         ready, error = threading.Event(), []
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, args=(ready, error), name=f"http-guard-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, error), name=f"http-guard-{self.port}", daemon=True
+        )
         self._thread.start()
         ready.wait(30)
         if error:
             self._thread.join(5)
-            raise ServerError(f"http port {self.port} on {self.host}: {error[0]}; stop what uses it or pick another port (--http-port)")
+            raise ServerError(
+                f"http port {self.port} on {self.host}: {error[0]}; stop what uses it or pick another port (--http-port)"
+            )
         return self
 
     def _run(self, ready: threading.Event, error: list) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
-            server = loop.run_until_complete(asyncio.start_server(
-                self._serve, self.host, self.port, limit=self.limits.max_head_bytes, reuse_address=True))
+            server = loop.run_until_complete(
+                asyncio.start_server(
+                    self._serve, self.host, self.port, limit=self.limits.max_head_bytes, reuse_address=True
+                )
+            )
         except OSError as e:
             error.append(e)
             ready.set()
@@ -216,8 +235,12 @@ class HttpGuard:
         if problem:
             return await self._refuse(conn, *problem)
         if length > self.limits.max_body_bytes:
-            await self._refuse(conn, 413, f"request body of {length} bytes is over the limit of "
-                                          f"{self.limits.max_body_bytes} bytes (--max-request-bytes); send smaller batches")
+            await self._refuse(
+                conn,
+                413,
+                f"request body of {length} bytes is over the limit of "
+                f"{self.limits.max_body_bytes} bytes (--max-request-bytes); send smaller batches",
+            )
             await _discard(reader, length)
             return False
         if head.values("expect"):
@@ -279,8 +302,13 @@ class HttpGuard:
                 await conn.writer.drain()
             if conn.awaiting:
                 self.rejected[502] += 1
-                conn.writer.write(error_response(502, "the inference server closed the connection without answering "
-                                                      "(it crashed; it is being restarted)"))
+                conn.writer.write(
+                    error_response(
+                        502,
+                        "the inference server closed the connection without answering "
+                        "(it crashed; it is being restarted)",
+                    )
+                )
                 await conn.writer.drain()
         except (ConnectionError, OSError):
             pass
@@ -290,10 +318,12 @@ class HttpGuard:
 
 async def _discard(reader: asyncio.StreamReader, length: int, timeout_s: float = 5.0) -> None:
     """Read and drop up to `length` body bytes, so that a client still sending gets to read the refusal."""
+
     async def drain() -> None:
         left = length
         while left > 0 and (chunk := await reader.read(min(left, 2**20))):
             left -= len(chunk)
+
     try:
         await asyncio.wait_for(drain(), timeout_s)
     except (asyncio.TimeoutError, ConnectionError, OSError):

@@ -4,6 +4,7 @@ One builder per model kind (tokenizer, ONNX Runtime python model, TensorRT plan,
 ensemble). Names, dtypes and shapes come from `export/io_spec.py` and `serving/contract.py`; the
 batch dimension is implicit (max_batch_size > 0), so config dims are the spec's shape without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def _dynamic_non_batch(spec: TensorSpec) -> bool:
 def _add_io(config: mc.ModelConfig, io: ModelIO | tuple, ragged: bool = False) -> None:
     inputs, outputs = (io.inputs, io.outputs) if isinstance(io, ModelIO) else io
     for s in inputs:
-        config.input.add(name=s.name, data_type=s.triton_dtype, dims=_dims(s),
-                         allow_ragged_batch=ragged and _dynamic_non_batch(s))
+        config.input.add(
+            name=s.name, data_type=s.triton_dtype, dims=_dims(s), allow_ragged_batch=ragged and _dynamic_non_batch(s)
+        )
     for s in outputs:
         config.output.add(name=s.name, data_type=s.triton_dtype, dims=_dims(s))
 
@@ -68,7 +70,9 @@ def _dynamic_batching(config: mc.ModelConfig, cfg: ServeConfig, merge: bool = Tr
     policy.max_queue_size = cfg.max_queue_size
 
 
-def _warmup(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], cfg: ServeConfig, files: dict[str, str] | None = None) -> None:
+def _warmup(
+    config: mc.ModelConfig, inputs: tuple[TensorSpec, ...], cfg: ServeConfig, files: dict[str, str] | None = None
+) -> None:
     """One batch-1 warmup request: zeros of length warmup_seq_len, or a file's data for strings."""
     if not cfg.warmup:
         return
@@ -95,16 +99,19 @@ def graph_warmup_files(io: ModelIO, cfg: ServeConfig) -> dict[str, bytes]:
 
 
 def tokenizer_config(name: str, spec: IOSpec, cfg: ServeConfig, tokenizer_dir: str) -> mc.ModelConfig:
-    config = _python(_base(name, cfg, cfg.tokenizer_instances),
-                     {"tokenizer_dir": tokenizer_dir, "max_length": spec.max_length, "max_text_bytes": cfg.max_text_bytes})
+    config = _python(
+        _base(name, cfg, cfg.tokenizer_instances),
+        {"tokenizer_dir": tokenizer_dir, "max_length": spec.max_length, "max_text_bytes": cfg.max_text_bytes},
+    )
     _add_io(config, (text_inputs(spec), spec.backbone.inputs))
     _dynamic_batching(config, cfg, merge=False)
     _warmup(config, text_inputs(spec), cfg, {s.name: s.name for s in text_inputs(spec)})
     return config
 
 
-def onnx_python_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int, onnx_file: str,
-                       limits: dict[str, int] | None = None) -> mc.ModelConfig:
+def onnx_python_config(
+    name: str, io: ModelIO, cfg: ServeConfig, instances: int, onnx_file: str, limits: dict[str, int] | None = None
+) -> mc.ModelConfig:
     """CPU target: a python-backend model that runs `onnx_file` with ONNX Runtime.
 
     `limits` (max_length, vocab_size, type_vocab_size) bound what a direct caller may send.
@@ -117,8 +124,9 @@ def onnx_python_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int,
     return config
 
 
-def tensorrt_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int,
-                    cc_files: dict[str, str]) -> mc.ModelConfig:
+def tensorrt_config(
+    name: str, io: ModelIO, cfg: ServeConfig, instances: int, cc_files: dict[str, str]
+) -> mc.ModelConfig:
     """GPU target (NGC Triton container): a TensorRT plan; cc_files maps "9.0" -> engine file."""
     config = _base(name, cfg, instances, mc.ModelInstanceGroup.KIND_GPU)
     config.platform = "tensorrt_plan"
@@ -132,8 +140,10 @@ def tensorrt_config(name: str, io: ModelIO, cfg: ServeConfig, instances: int,
 
 
 def postprocess_config(name: str, spec: IOSpec, cfg: ServeConfig) -> mc.ModelConfig:
-    config = _python(_base(name, cfg, cfg.postprocess_instances), {"labels": json.dumps(list(spec.labels)),
-                                                                   "task_type": spec.task_type})
+    config = _python(
+        _base(name, cfg, cfg.postprocess_instances),
+        {"labels": json.dumps(list(spec.labels)), "task_type": spec.task_type},
+    )
     _add_io(config, (spec.adapter.outputs, prediction_outputs(spec)))
     _dynamic_batching(config, cfg, merge=False)
     _warmup(config, spec.adapter.outputs, cfg)
@@ -148,8 +158,9 @@ def _step(config: mc.ModelConfig, model: str, inputs, outputs) -> None:
         step.output_map[s.name] = s.name
 
 
-def ensemble_config(spec: IOSpec, cfg: ServeConfig, tokenizer: str, backbone: str,
-                    adapter: str, postprocess: str) -> mc.ModelConfig:
+def ensemble_config(
+    spec: IOSpec, cfg: ServeConfig, tokenizer: str, backbone: str, adapter: str, postprocess: str
+) -> mc.ModelConfig:
     """The task's ensemble: tokenizer -> backbone -> adapter -> postprocess."""
     config = mc.ModelConfig(name=spec.task, platform="ensemble", max_batch_size=cfg.max_batch_size)
     _add_io(config, (text_inputs(spec), prediction_outputs(spec)))

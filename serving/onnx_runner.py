@@ -11,6 +11,7 @@ token types inside the type vocabulary, a 0/1 attention mask with a token to att
 length in [1, max_length], finite floats. ONNX Runtime would answer an id past the vocabulary with an
 internal error for the whole merged batch and wrap a negative id around silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ def sequence_axis(spec: TensorSpec) -> int | None:
     """Index of the dynamic non-batch dimension of `spec`, or None if all of them are fixed."""
     axes = [i for i, d in enumerate(spec.shape) if i > 0 and d == -1]
     if len(axes) > 1:
-        raise ValueError(f"{spec.name} {spec.shape} has {len(axes)} dynamic non-batch dims; at most one (the sequence) is supported")
+        raise ValueError(
+            f"{spec.name} {spec.shape} has {len(axes)} dynamic non-batch dims; at most one (the sequence) is supported"
+        )
     return axes[0] if axes else None
 
 
@@ -48,9 +51,11 @@ class InputLimits:
     type_vocab_size: int | None = None
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "InputLimits":
+    def from_parameters(cls, params: dict[str, str]) -> InputLimits:
         """The limits repository.py writes into the model config's parameters."""
-        return cls(*(int(params[k]) if params.get(k) else None for k in ("max_length", "vocab_size", "type_vocab_size")))
+        return cls(
+            *(int(params[k]) if params.get(k) else None for k in ("max_length", "vocab_size", "type_vocab_size"))
+        )
 
 
 def _check_range(name: str, array: np.ndarray, high: int | None, what: str) -> None:
@@ -67,7 +72,9 @@ def check_values(feed: dict[str, np.ndarray], limits: InputLimits) -> None:
     if "input_ids" in feed:
         _check_range("input_ids", feed["input_ids"], limits.vocab_size, "token ids index the vocabulary")
     if "token_type_ids" in feed:
-        _check_range("token_type_ids", feed["token_type_ids"], limits.type_vocab_size, "token types index the type vocabulary")
+        _check_range(
+            "token_type_ids", feed["token_type_ids"], limits.type_vocab_size, "token types index the type vocabulary"
+        )
     mask = feed.get("attention_mask")
     if mask is not None:
         _check_range("attention_mask", mask, 2, "the mask is 1 for a token and 0 for padding")
@@ -90,18 +97,27 @@ def _pad_to(array: np.ndarray, axis: int | None, length: int) -> np.ndarray:
 class OnnxRunner:
     """Validate, merge and run per-request feeds on one session; outputs come back per request."""
 
-    def __init__(self, path: str | Path, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                 threads: int | None = None, accuracy_level: int = EXACT_ACCURACY_LEVEL,
-                 limits: InputLimits = InputLimits()):
+    def __init__(
+        self,
+        path: str | Path,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        threads: int | None = None,
+        accuracy_level: int = EXACT_ACCURACY_LEVEL,
+        limits: InputLimits = InputLimits(),
+    ):
         self.limits = limits
         self.session = make_session(path, threads=threads or None, accuracy_level=accuracy_level)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}
-        missing = [t.name for t in self.inputs if t.name not in graph_inputs] + \
-                  [t.name for t in self.outputs if t.name not in graph_outputs]
+        missing = [t.name for t in self.inputs if t.name not in graph_inputs] + [
+            t.name for t in self.outputs if t.name not in graph_outputs
+        ]
         if missing:
-            raise ValueError(f"{path} has no tensors named {missing} (graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)})")
+            raise ValueError(
+                f"{path} has no tensors named {missing} (graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)})"
+            )
         self._in_axes = {t.name: sequence_axis(t) for t in self.inputs}
         self._out_axes = {t.name: sequence_axis(t) for t in self.outputs}
 
@@ -124,8 +140,10 @@ class OnnxRunner:
             raise InputError("the batch is empty (batch size 0)")
         length, most = self._seq_len(feed), self.limits.max_length
         if length is not None and not 1 <= length <= (most or length):
-            raise InputError(f"sequence length {length} is outside [1, {most}]: the model serves up to max_length={most} "
-                             "tokens (io_spec.json); truncate longer sequences, as the tokenizer model does")
+            raise InputError(
+                f"sequence length {length} is outside [1, {most}]: the model serves up to max_length={most} "
+                "tokens (io_spec.json); truncate longer sequences, as the tokenizer model does"
+            )
         check_values(feed, self.limits)
 
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -133,15 +151,24 @@ class OnnxRunner:
         if not feeds:
             return []
         if len(feeds) == 1:
-            return [dict(zip((o.name for o in self.outputs), self.session.run([o.name for o in self.outputs], feeds[0])))]
+            return [
+                dict(zip((o.name for o in self.outputs), self.session.run([o.name for o in self.outputs], feeds[0])))
+            ]
         lengths = [self._seq_len(f) for f in feeds]
         longest = max((n for n in lengths if n is not None), default=None)
-        merged = {s.name: np.concatenate([_pad_to(f[s.name], self._in_axes[s.name], longest) for f in feeds])
-                  for s in self.inputs}
+        merged = {
+            s.name: np.concatenate([_pad_to(f[s.name], self._in_axes[s.name], longest) for f in feeds])
+            for s in self.inputs
+        }
         results = self.session.run([o.name for o in self.outputs], merged)
         rows = np.cumsum([0] + [f[self.inputs[0].name].shape[0] for f in feeds])
-        return [{o.name: self._cut(r, self._out_axes[o.name], rows[i], rows[i + 1], lengths[i])
-                 for o, r in zip(self.outputs, results)} for i in range(len(feeds))]
+        return [
+            {
+                o.name: self._cut(r, self._out_axes[o.name], rows[i], rows[i + 1], lengths[i])
+                for o, r in zip(self.outputs, results)
+            }
+            for i in range(len(feeds))
+        ]
 
     @staticmethod
     def _cut(array: np.ndarray, axis: int | None, start: int, stop: int, length: int | None) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Logits -> label and probabilities (classification) or the score (regression), as the
 `postprocess_<task>` Triton model runs it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

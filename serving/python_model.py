@@ -4,11 +4,12 @@
 models pass it in. Every request gets exactly one response; an exception while serving one request
 becomes that request's TritonError and never reaches the other requests or the stub.
 """
+
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -21,8 +22,10 @@ _NUMPY_DTYPES = {v: k for k, v in TRITON_DTYPES.items()}  # "TYPE_FP32" -> "floa
 def tensor_specs(config: dict, key: str) -> tuple[TensorSpec, ...]:
     """The `input` or `output` list of a parsed model config as TensorSpecs (batch dim first)."""
     batch = (-1,) if int(config.get("max_batch_size", 0)) > 0 else ()
-    return tuple(TensorSpec(t["name"], _NUMPY_DTYPES[t["data_type"]], batch + tuple(int(d) for d in t["dims"]))
-                 for t in config.get(key, []))
+    return tuple(
+        TensorSpec(t["name"], _NUMPY_DTYPES[t["data_type"]], batch + tuple(int(d) for d in t["dims"]))
+        for t in config.get(key, [])
+    )
 
 
 def parameters(config: dict) -> dict[str, str]:
@@ -46,7 +49,9 @@ def read_inputs(pb_utils, request, specs: tuple[TensorSpec, ...]) -> dict[str, n
 
 
 def response(pb_utils, outputs: dict[str, np.ndarray]):
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in outputs.items()])
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in outputs.items()]
+    )
 
 
 def error_response(pb_utils, exc: BaseException, model: str):
@@ -72,8 +77,9 @@ def respond_each(pb_utils, requests, specs, handle: Callable[[dict], dict], mode
     return responses
 
 
-def respond_merged(pb_utils, requests, specs, check: Callable[[dict], None],
-                   run: Callable[[list[dict]], list[dict]], model: str) -> list:
+def respond_merged(
+    pb_utils, requests, specs, check: Callable[[dict], None], run: Callable[[list[dict]], list[dict]], model: str
+) -> list:
     """Check each request alone, run the valid ones together, answer every request in order.
 
     If the merged run fails, each valid request is run again alone, so that only the request

@@ -1,4 +1,5 @@
 """The served pipeline run in-process with ONNX Runtime: the baseline for parity tests and benchmarks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,12 @@ class InProcessClassifier:
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         spec = self.run.spec
         feeds = self.tokenizer(texts, pairs)  # each (B, T)
-        states = dict(zip((t.name for t in spec.backbone.outputs),
-                          self.backbone.run([t.name for t in spec.backbone.outputs], feeds)))
+        states = dict(
+            zip(
+                (t.name for t in spec.backbone.outputs),
+                self.backbone.run([t.name for t in spec.backbone.outputs], feeds),
+            )
+        )
         available = {**feeds, **states}
         adapter_feeds = {t.name: available[t.name] for t in spec.adapter.inputs}
         (logits,) = self.adapter.run([spec.adapter.outputs[0].name], adapter_feeds)  # (B, C)

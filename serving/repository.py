@@ -11,6 +11,7 @@ The generator deletes only what it wrote: `repository.json` lists every file and
 last generation, and a target holding anything else (`--repository .` would be the project) is
 refused before anything is written or deleted.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving import contract, model_config as mcfg
+from serving import contract
+from serving import model_config as mcfg
 from serving.artifacts import TOKENIZER_DIR, ExportedRun, load_run
 from serving.config import ServeConfig
 from serving.errors import RepositoryError
@@ -63,11 +65,24 @@ class RepositoryPlan:
     notes: list[str] = field(default_factory=list)
 
     def summary(self, cfg: ServeConfig) -> dict:
-        return {"tasks": {t.task: {"run": str(t.run.export_dir), "tokenizer": t.tokenizer, "backbone": t.backbone,
-                                   "adapter": t.adapter, "postprocess": t.postprocess, "text_pair": t.run.spec.text_pair,
-                                   "backbone_sha256": t.run.graph_sha256("backbone")} for t in self.tasks},
-                "shared_backbone": self.shared_backbone, "shared_tokenizer": self.shared_tokenizer,
-                "notes": self.notes, "serve_config": cfg.to_dict()}
+        return {
+            "tasks": {
+                t.task: {
+                    "run": str(t.run.export_dir),
+                    "tokenizer": t.tokenizer,
+                    "backbone": t.backbone,
+                    "adapter": t.adapter,
+                    "postprocess": t.postprocess,
+                    "text_pair": t.run.spec.text_pair,
+                    "backbone_sha256": t.run.graph_sha256("backbone"),
+                }
+                for t in self.tasks
+            },
+            "shared_backbone": self.shared_backbone,
+            "shared_tokenizer": self.shared_tokenizer,
+            "notes": self.notes,
+            "serve_config": cfg.to_dict(),
+        }
 
 
 def _tokenizer_key(run: ExportedRun) -> tuple:
@@ -87,17 +102,30 @@ def plan_repository(runs: list[ExportedRun]) -> RepositoryPlan:
     digests = {r.task: r.graph_sha256("backbone") for r in runs}
     shared_backbone = len(set(digests.values())) == 1
     if not shared_backbone:
-        notes.append(f"one backbone per task: the backbone graphs differ (sha256 {', '.join(f'{t}={d[:12]}' for t, d in digests.items())}); "
-                     "tasks share a backbone only when they were trained from the same frozen (int8) backbone")
+        notes.append(
+            f"one backbone per task: the backbone graphs differ (sha256 {', '.join(f'{t}={d[:12]}' for t, d in digests.items())}); "
+            "tasks share a backbone only when they were trained from the same frozen (int8) backbone"
+        )
     shared_tokenizer = len({_tokenizer_key(r) for r in runs}) == 1
     if not shared_tokenizer:
         notes.append("one tokenizer per task: the runs differ in tokenizer files, max_length or text-pair input")
     for note in notes:
         log.info(note)
-    return RepositoryPlan([TaskModels(r, contract.tokenizer_model(r.task, shared_tokenizer),
-                                      contract.backbone_model(r.task, shared_backbone),
-                                      contract.adapter_model(r.task), contract.postprocess_model(r.task))
-                           for r in runs], shared_backbone, shared_tokenizer, notes)
+    return RepositoryPlan(
+        [
+            TaskModels(
+                r,
+                contract.tokenizer_model(r.task, shared_tokenizer),
+                contract.backbone_model(r.task, shared_backbone),
+                contract.adapter_model(r.task),
+                contract.postprocess_model(r.task),
+            )
+            for r in runs
+        ],
+        shared_backbone,
+        shared_tokenizer,
+        notes,
+    )
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -133,11 +161,15 @@ def _check_profile(run: ExportedRun, cfg: ServeConfig) -> None:
     """Engines accept batches and lengths up to the export's optimization profile (io_spec.json's profile)."""
     profile, where = run.spec.profile, run.export_dir / "io_spec.json"
     if profile.get("batch") and cfg.max_batch_size > profile["batch"][2]:
-        raise RepositoryError(f"max_batch_size {cfg.max_batch_size} exceeds the engines' profile max batch "
-                              f"{profile['batch'][2]} ({where}); lower --max-batch-size or re-export with a larger one")
+        raise RepositoryError(
+            f"max_batch_size {cfg.max_batch_size} exceeds the engines' profile max batch "
+            f"{profile['batch'][2]} ({where}); lower --max-batch-size or re-export with a larger one"
+        )
     if profile.get("sequence") and run.spec.max_length > profile["sequence"][2]:
-        raise RepositoryError(f"{run.task}: max_length {run.spec.max_length} exceeds the engines' profile max sequence "
-                              f"{profile['sequence'][2]} ({where}); re-export with --max-seq >= {run.spec.max_length}")
+        raise RepositoryError(
+            f"{run.task}: max_length {run.spec.max_length} exceeds the engines' profile max sequence "
+            f"{profile['sequence'][2]} ({where}); re-export with --max-seq >= {run.spec.max_length}"
+        )
 
 
 def _limits(runs: list[ExportedRun], graph: str) -> dict[str, int]:
@@ -146,7 +178,9 @@ def _limits(runs: list[ExportedRun], graph: str) -> dict[str, int]:
     return {k: (max if k == "max_length" else min)(e[k] for e in each) for k in each[0]}
 
 
-def _write_graph(root: Path, name: str, graph: str, runs: list[ExportedRun], cfg: ServeConfig, notes: list[str]) -> None:
+def _write_graph(
+    root: Path, name: str, graph: str, runs: list[ExportedRun], cfg: ServeConfig, notes: list[str]
+) -> None:
     """backbone or adapter: an ONNX Runtime python model (cpu) or a TensorRT plan model (gpu)."""
     run = runs[0]
     d, io = root / name, getattr(run.spec, graph)
@@ -162,16 +196,20 @@ def _write_graph(root: Path, name: str, graph: str, runs: list[ExportedRun], cfg
     _check_profile(run, cfg)
     engines = run.engines(graph)
     cc_files = {cc: p.name for cc, p in engines.items() if cc is not None}
-    versions = sorted({p.name.split(".trt", 1)[1][:-len(".plan")] for p in engines.values() if ".trt" in p.name})
+    versions = sorted({p.name.split(".trt", 1)[1][: -len(".plan")] for p in engines.values() if ".trt" in p.name})
     if versions:
-        notes.append(f"{name}: engines built with TensorRT {', '.join(versions)}: serve them in the NGC Triton "
-                     "container with that TensorRT version")
+        notes.append(
+            f"{name}: engines built with TensorRT {', '.join(versions)}: serve them in the NGC Triton "
+            "container with that TensorRT version"
+        )
     _write_config(d, mcfg.tensorrt_config(name, io, cfg, instances, cc_files))
     for cc, p in engines.items():
         _copy(p, d / "1" / (p.name if cc else mcfg.PLAN_FILE))
     if not engines:
-        note = (f"{name}: no TensorRT engine for {graph} in {run.engines_dir}; build one with `make export` on a machine with "
-                f"TensorRT (same version as the Triton container) and copy it to {name}/1/{mcfg.PLAN_FILE}")
+        note = (
+            f"{name}: no TensorRT engine for {graph} in {run.engines_dir}; build one with `make export` on a machine with "
+            f"TensorRT (same version as the Triton container) and copy it to {name}/1/{mcfg.PLAN_FILE}"
+        )
         notes.append(note)
         log.warning(note)
         (d / "NOTE.md").write_text(note + "\n")
@@ -189,7 +227,9 @@ def write_models(root: Path, plan: RepositoryPlan, cfg: ServeConfig) -> None:
         _write_graph(root, t.adapter, "adapter", [t.run], cfg, plan.notes)
         _write_config(root / t.postprocess, mcfg.postprocess_config(t.postprocess, t.run.spec, cfg))
         _python_model(root / t.postprocess, "postprocess")
-        _write_config(root / t.task, mcfg.ensemble_config(t.run.spec, cfg, t.tokenizer, t.backbone, t.adapter, t.postprocess))
+        _write_config(
+            root / t.task, mcfg.ensemble_config(t.run.spec, cfg, t.tokenizer, t.backbone, t.adapter, t.postprocess)
+        )
         written |= {t.tokenizer, t.backbone}
 
 
@@ -224,6 +264,7 @@ def _owned(root: Path):
         parts = rel.split(os.sep)
         cache = parts.index("__pycache__") if "__pycache__" in parts else None
         return listed(os.sep.join(parts[:cache]) if cache else rel)
+
     return owned_path
 
 
@@ -248,9 +289,11 @@ def check_replaceable(root: str | Path) -> None:
     """RepositoryError, deleting nothing, if `root` holds anything the generator did not write."""
     foreign = foreign_entries(root)
     if foreign:
-        raise RepositoryError(f"refusing to generate into {root}: it holds {', '.join(foreign)}, which the repository "
-                              f"generator did not write (no {SUMMARY_FILE} of its own lists them); point --repository "
-                              "at an empty directory or one it generated. Nothing was deleted")
+        raise RepositoryError(
+            f"refusing to generate into {root}: it holds {', '.join(foreign)}, which the repository "
+            f"generator did not write (no {SUMMARY_FILE} of its own lists them); point --repository "
+            "at an empty directory or one it generated. Nothing was deleted"
+        )
 
 
 def _swap_in(staging: Path, root: Path) -> None:
@@ -264,8 +307,9 @@ def _swap_in(staging: Path, root: Path) -> None:
         os.replace(p, root / p.name)
 
 
-def generate_repository(runs: list[str | Path], root: str | Path = DEFAULT_REPOSITORY,
-                        cfg: ServeConfig | None = None) -> RepositoryPlan:
+def generate_repository(
+    runs: list[str | Path], root: str | Path = DEFAULT_REPOSITORY, cfg: ServeConfig | None = None
+) -> RepositoryPlan:
     """Verify the runs, write and validate the repository at `root`; return the plan it followed."""
     cfg = cfg or ServeConfig()
     root = Path(root).resolve()
@@ -282,6 +326,10 @@ def generate_repository(runs: list[str | Path], root: str | Path = DEFAULT_REPOS
         _swap_in(staging, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("model repository %s: tasks %s (%s backbone)", root, [t.task for t in plan.tasks],
-             "shared" if plan.shared_backbone else "one per task")
+    log.info(
+        "model repository %s: tasks %s (%s backbone)",
+        root,
+        [t.task for t in plan.tasks],
+        "shared" if plan.shared_backbone else "one per task",
+    )
     return plan

@@ -16,6 +16,7 @@ The python-backend stub runs an isolated interpreter that ignores PYTHONPATH and
 site-packages from the first `python3` on PATH; hence the venv's bin/ goes first on PATH, and the
 models put PYTHONPATH (project root + site-packages) on sys.path themselves (triton_models/*).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -65,11 +66,18 @@ def find_tritonserver() -> TritonInstall:
         raise ServerError(f"tritonserver not found: the nvidia-pytriton package is not installed; {INSTALL_HINT}")
     base = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    install = TritonInstall(base / "bin" / "tritonserver", base / "backends" / "python",
-                            base / "python_backend_stubs" / pyver / "triton_python_backend_stub",
-                            base.parent.parent / "nvidia_pytriton.libs")
-    for what, path in (("binary", install.binary), ("python backend", install.python_backend / "libtriton_python.so"),
-                       (f"python {pyver} stub", install.stub), ("shared libraries", install.libs)):
+    install = TritonInstall(
+        base / "bin" / "tritonserver",
+        base / "backends" / "python",
+        base / "python_backend_stubs" / pyver / "triton_python_backend_stub",
+        base.parent.parent / "nvidia_pytriton.libs",
+    )
+    for what, path in (
+        ("binary", install.binary),
+        ("python backend", install.python_backend / "libtriton_python.so"),
+        (f"python {pyver} stub", install.stub),
+        ("shared libraries", install.libs),
+    ):
         if not path.exists():
             raise ServerError(f"tritonserver {what} not found at {path}; {INSTALL_HINT}")
     return install
@@ -95,8 +103,10 @@ def check_numpy() -> None:
     """Triton 2.51's stub corrupts TYPE_STRING inputs with numpy 2.x (docs/DESIGN.md section 6)."""
     version = importlib.metadata.version("numpy")
     if int(version.split(".")[0]) >= 2:
-        raise ServerError(f"numpy {version} is installed in {sys.prefix}: the Triton 2.51 python-backend stub crashes on "
-                          "text (TYPE_STRING) inputs with numpy 2.x; install numpy<2 (pyproject.toml pins it)")
+        raise ServerError(
+            f"numpy {version} is installed in {sys.prefix}: the Triton 2.51 python-backend stub crashes on "
+            "text (TYPE_STRING) inputs with numpy 2.x; install numpy<2 (pyproject.toml pins it)"
+        )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -146,7 +156,7 @@ class ServerOptions:
             self.admin_key = secrets.token_urlsafe(24)
 
     @classmethod
-    def on_free_ports(cls, **kwargs) -> "ServerOptions":
+    def on_free_ports(cls, **kwargs) -> ServerOptions:
         """Options on three currently free 127.0.0.1 ports (tests, benchmarks)."""
         ports = set()
         while len(ports) < 3:
@@ -206,18 +216,29 @@ class TritonServer:
     def command(self) -> list[str]:
         o = self.options
         shm_default, shm_growth = (mb * 1024 * 1024 for mb in o.python_shm_mb)
-        return [str(self.install.binary), f"--model-repository={o.repository}",
-                f"--backend-directory={backend_directory(self.install)}",
-                f"--http-address={o.host}", f"--http-port={self.backend_http_port}",
-                f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
-                f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
-                "--allow-gpu-metrics=false", "--strict-readiness=true", "--exit-on-error=true",
-                "--disable-auto-complete-config", "--model-control-mode=none", f"--exit-timeout-secs={o.exit_timeout_s}",
-                f"--log-verbose={o.log_verbose}",
-                f"--backend-config=python,shm-default-byte-size={shm_default}",
-                f"--backend-config=python,shm-growth-byte-size={shm_growth}",
-                f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
-                *self._restrictions(), *o.extra_args]
+        return [
+            str(self.install.binary),
+            f"--model-repository={o.repository}",
+            f"--backend-directory={backend_directory(self.install)}",
+            f"--http-address={o.host}",
+            f"--http-port={self.backend_http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            "--model-control-mode=none",
+            f"--exit-timeout-secs={o.exit_timeout_s}",
+            f"--log-verbose={o.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={shm_default}",
+            f"--backend-config=python,shm-growth-byte-size={shm_growth}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            *self._restrictions(),
+            *o.extra_args,
+        ]
 
     def environment(self) -> dict[str, str]:
         """PATH with this venv's bin/ first, PYTHONPATH = project root + site-packages, the package's libs."""
@@ -237,30 +258,37 @@ class TritonServer:
         o = self.options
         for what, port in (("http", o.http_port), ("grpc", o.grpc_port), ("metrics", o.metrics_port)):
             if port_in_use(o.host, port):
-                raise ServerError(f"{what} port {port} on {o.host} is already in use (another tritonserver?); "
-                                  f"stop it or pick another port (--{what}-port)")
+                raise ServerError(
+                    f"{what} port {port} on {o.host} is already in use (another tritonserver?); "
+                    f"stop it or pick another port (--{what}-port)"
+                )
 
     def _preflight(self) -> None:
         check_numpy()
         o = self.options
         if not o.repository.is_dir() or not any(p.is_dir() for p in o.repository.iterdir()):
-            raise ServerError(f"model repository {o.repository} is empty or missing: generate it first "
-                              "(`python -m serving --runs runs/<name> --generate-only`)")
+            raise ServerError(
+                f"model repository {o.repository} is empty or missing: generate it first "
+                "(`python -m serving --runs runs/<name> --generate-only`)"
+            )
         self.check_ports()
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         """Start tritonserver (behind the guard) and wait until a canary inference answers; ServerError if not."""
         if self.process is not None and self.process.poll() is None:
             raise ServerError(f"tritonserver is already running (pid {self.process.pid})")
         self._preflight()
         try:
             if self.options.guard:
-                self.guard = HttpGuard(self.options.host, self.options.http_port, self.options.guard_limits,
-                                       self.readiness).start()
+                self.guard = HttpGuard(
+                    self.options.host, self.options.http_port, self.options.guard_limits, self.readiness
+                ).start()
             if self.options.restrict_apis:
                 _write_private(self.admin_key_file, self.options.admin_key + "\n")
             self._spawn(append_log=False)
-            self.canary = Canary(self.backend_http_url, tasks_of(self.options.repository), self.options.canary_timeout_s)
+            self.canary = Canary(
+                self.backend_http_url, tasks_of(self.options.repository), self.options.canary_timeout_s
+            )
             self._wait_answering()
         except BaseException:
             self.stop()
@@ -279,9 +307,15 @@ class TritonServer:
         self._log.write(f"==== tritonserver starting at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
         self._log.flush()
         self._log_start = self._log.tell()
-        self.process = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self.started_at = time.monotonic()
         self.wait_ready(self.options.startup_timeout_s)
         if self.canary is not None:
@@ -292,8 +326,10 @@ class TritonServer:
     def _wait_answering(self) -> None:
         result = self.canary.check()
         if not result.ok:
-            raise ServerError(f"tritonserver is up but a canary inference failed: {result.detail} "
-                              f"(log: {self.options.log_file}):\n{self.log_tail()}")
+            raise ServerError(
+                f"tritonserver is up but a canary inference failed: {result.detail} "
+                f"(log: {self.options.log_file}):\n{self.log_tail()}"
+            )
 
     def respawn(self) -> None:
         """Replace the tritonserver process (dead or broken) by a new one on the same public ports.
@@ -325,13 +361,17 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver {exit_cause(self.process.returncode)} during startup "
-                                  f"(log: {self.options.log_file}):\n{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver {exit_cause(self.process.returncode)} during startup "
+                    f"(log: {self.options.log_file}):\n{self.log_tail()}"
+                )
             if self.is_ready():
                 return
             time.sleep(0.1)
-        raise ServerError(f"tritonserver was not ready on http://{self.backend_http_url} after {timeout_s:.0f} s "
-                          f"(log: {self.options.log_file}):\n{self.log_tail()}")
+        raise ServerError(
+            f"tritonserver was not ready on http://{self.backend_http_url} after {timeout_s:.0f} s "
+            f"(log: {self.options.log_file}):\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         """The current run's error lines (model load failures), then its last lines."""
@@ -358,8 +398,11 @@ class TritonServer:
     def stop(self) -> int | None:
         """SIGINT (graceful), then SIGTERM, then SIGKILL; the guard stops too; return the exit code."""
         if self.process is not None and self.process.poll() is None:
-            (self._signal(signal.SIGINT, self.options.exit_timeout_s + 10)
-             or self._signal(signal.SIGTERM, 5) or self._signal(signal.SIGKILL, 10))
+            (
+                self._signal(signal.SIGINT, self.options.exit_timeout_s + 10)
+                or self._signal(signal.SIGTERM, 5)
+                or self._signal(signal.SIGKILL, 10)
+            )
         code = self._cleanup()
         if self.guard is not None:
             self.guard.stop()
@@ -393,7 +436,7 @@ class TritonServer:
         """Block until tritonserver exits (foreground serving); return its exit code."""
         return self.process.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -12,6 +12,7 @@ What an operator sees: log lines, and the status file (JSON, rewritten atomicall
 state (starting | ready | unhealthy | overloaded | restarting | failed | stopped), pid, restarts,
 the last crashes with their causes, the last canary, the guard's rejections by HTTP status.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,7 +52,9 @@ class SupervisorConfig:
 class Supervisor:
     """Own one TritonServer for its whole life: start, watch, restart, stop (also on every error path)."""
 
-    def __init__(self, server: TritonServer, cfg: SupervisorConfig = SupervisorConfig(), status_file: Path | None = None):
+    def __init__(
+        self, server: TritonServer, cfg: SupervisorConfig = SupervisorConfig(), status_file: Path | None = None
+    ):
         self.server, self.cfg = server, cfg
         self.status_file = Path(status_file or server.options.log_file.with_suffix(".status.json"))
         self.state = "stopped"
@@ -71,8 +74,14 @@ class Supervisor:
             self.server.start()
             self._set("ready")
             s = self.server
-            log.info("ready: http://%s  grpc %s  metrics %s  (pid %s; Ctrl-C stops; state in %s)", s.http_url,
-                     s.grpc_url, s.metrics_url, s.process.pid, self.status_file)
+            log.info(
+                "ready: http://%s  grpc %s  metrics %s  (pid %s; Ctrl-C stops; state in %s)",
+                s.http_url,
+                s.grpc_url,
+                s.metrics_url,
+                s.process.pid,
+                self.status_file,
+            )
             return self._watch()
         finally:
             self.server.stop()
@@ -83,7 +92,7 @@ class Supervisor:
         """Ask run() to return; safe from a signal handler (it only sets an event)."""
         self._stop.set()
 
-    def start_background(self, timeout_s: float = 180.0) -> "Supervisor":
+    def start_background(self, timeout_s: float = 180.0) -> Supervisor:
         """run() in a thread (tests, benchmarks); returns once the server is ready, ServerError if it is not."""
         self._thread = threading.Thread(target=self._run_quietly, name="supervisor", daemon=True)
         self._thread.start()
@@ -92,8 +101,10 @@ class Supervisor:
             time.sleep(0.05)
         if self.state != "ready":
             self.stop_background()
-            raise ServerError(f"the supervised tritonserver did not become ready (state {self.state}); log: "
-                              f"{self.server.options.log_file}")
+            raise ServerError(
+                f"the supervised tritonserver did not become ready (state {self.state}); log: "
+                f"{self.server.options.log_file}"
+            )
         return self
 
     def _run_quietly(self) -> None:
@@ -133,7 +144,9 @@ class Supervisor:
         """Log the cause, back off, respawn until it answers; False when the restarts form a crash loop."""
         while not self._stop.is_set():
             uptime = time.monotonic() - (self.server.started_at or time.monotonic())
-            self.crashes.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cause": cause, "uptime_s": round(uptime, 1)})
+            self.crashes.append(
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cause": cause, "uptime_s": round(uptime, 1)}
+            )
             log.error("tritonserver %s after %.0f s up; last log lines:\n%s", cause, uptime, self.server.log_tail())
             now = time.monotonic()
             self._restart_times.append(now)
@@ -141,8 +154,12 @@ class Supervisor:
                 self._restart_times.popleft()
             if len(self._restart_times) > self.cfg.max_restarts:
                 self._set("failed")
-                log.error("tritonserver needed %d restarts within %.0f s: a crash loop; giving up (log: %s)",
-                          len(self._restart_times) - 1, self.cfg.window_s, self.server.options.log_file)
+                log.error(
+                    "tritonserver needed %d restarts within %.0f s: a crash loop; giving up (log: %s)",
+                    len(self._restart_times) - 1,
+                    self.cfg.window_s,
+                    self.server.options.log_file,
+                )
                 return False
             self._backoff = self.cfg.backoff_initial_s if uptime >= self.cfg.stable_s else self._backoff
             self._set("restarting")
@@ -157,18 +174,32 @@ class Supervisor:
                 continue
             self.restarts += 1
             self._set("ready")
-            log.warning("tritonserver restarted (pid %s, restart %d); it answers as before", self.server.process.pid, self.restarts)
+            log.warning(
+                "tritonserver restarted (pid %s, restart %d); it answers as before",
+                self.server.process.pid,
+                self.restarts,
+            )
             return True
         return True
 
     def status(self) -> dict:
         s, o = self.server, self.server.options
         guard = dict(s.guard.rejected) if s.guard is not None else {}  # a copy: the guard's thread updates it
-        return {"state": self.state, "pid": s.process.pid if s.process is not None else None,
-                "supervisor_pid": os.getpid(), "restarts": self.restarts, "crashes": list(self.crashes),
-                "last_canary": self.last_canary, "guard_rejections": {str(k): v for k, v in sorted(guard.items())},
-                "http": s.http_url, "grpc": s.grpc_url, "metrics": s.metrics_url, "repository": str(o.repository),
-                "log_file": str(o.log_file), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return {
+            "state": self.state,
+            "pid": s.process.pid if s.process is not None else None,
+            "supervisor_pid": os.getpid(),
+            "restarts": self.restarts,
+            "crashes": list(self.crashes),
+            "last_canary": self.last_canary,
+            "guard_rejections": {str(k): v for k, v in sorted(guard.items())},
+            "http": s.http_url,
+            "grpc": s.grpc_url,
+            "metrics": s.metrics_url,
+            "repository": str(o.repository),
+            "log_file": str(o.log_file),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
 
     def _set(self, state: str) -> None:
         """Record the state and rewrite the status file atomically (a reader never sees half a file)."""
@@ -190,7 +221,7 @@ class RepositoryLock:
         self.path = Path(cache) / "locks" / f"{key}.lock"
         self._file = None
 
-    def acquire(self, what: str) -> "RepositoryLock":
+    def acquire(self, what: str) -> RepositoryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a+")
         try:
@@ -210,7 +241,7 @@ class RepositoryLock:
             self._file.close()  # closing drops the flock
             self._file = None
 
-    def __enter__(self) -> "RepositoryLock":
+    def __enter__(self) -> RepositoryLock:
         return self
 
     def __exit__(self, *exc) -> None:

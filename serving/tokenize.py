@@ -9,6 +9,7 @@ max_length tokens; megabytes of text would hold the single tokenizer instance fo
 text that leaves no token of its own after normalization (a zero-width space, NUL, BOM, U+FFFD, a
 lone combining mark: only [CLS]/[SEP] would remain) is rejected instead of getting a confident label.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def decode_texts(raw: np.ndarray, name: str, max_bytes: int | None = None) -> li
     for i, item in enumerate(raw[:, 0]):
         size = len(item.encode("utf-8")) if isinstance(item, str) else len(item) if isinstance(item, bytes) else 0
         if max_bytes is not None and size > max_bytes:
-            raise InputError(f"{name}[{i}] is {size} bytes; the limit is {max_bytes} UTF-8 bytes per text "
-                             "(serve.max_text_bytes): the model reads only its first max_length tokens, send less")
+            raise InputError(
+                f"{name}[{i}] is {size} bytes; the limit is {max_bytes} UTF-8 bytes per text "
+                "(serve.max_text_bytes): the model reads only its first max_length tokens, send less"
+            )
         if isinstance(item, (bytes, np.bytes_)):
             try:
                 item = bytes(item).decode("utf-8")
@@ -56,7 +59,9 @@ def _pad_token(tokenizer: Tokenizer, directory: Path) -> tuple[int, str]:
     token = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
     token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
     if token_id is None:
-        raise ValueError(f"{directory}: the tokenizer defines no pad token (tokenizer.json padding or tokenizer_config.json pad_token)")
+        raise ValueError(
+            f"{directory}: the tokenizer defines no pad token (tokenizer.json padding or tokenizer_config.json pad_token)"
+        )
     return token_id, token
 
 
@@ -64,9 +69,11 @@ def _check_content(sequence_ids: list, row: int, pair: bool) -> None:
     """InputError unless the text (and pair) kept a token of its own: None marks special and padding tokens."""
     for side, name in ((0, "text"), (1, "text_pair"))[: 2 if pair else 1]:
         if side not in sequence_ids:
-            raise InputError(f"{name}[{row}] has no content: nothing is left after tokenization but special tokens "
-                             "(it holds only invisible, control or combining characters such as a zero-width space, "
-                             "NUL, a byte-order mark or U+FFFD)")
+            raise InputError(
+                f"{name}[{row}] has no content: nothing is left after tokenization but special tokens "
+                "(it holds only invisible, control or combining characters such as a zero-width space, "
+                "NUL, a byte-order mark or U+FFFD)"
+            )
 
 
 class TextTokenizer:
@@ -76,10 +83,14 @@ class TextTokenizer:
         directory = Path(directory)
         path = directory / TOKENIZER_JSON
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the export's tokenizer/ must hold a fast tokenizer (save_pretrained)")
+            raise FileNotFoundError(
+                f"{path} is missing: the export's tokenizer/ must hold a fast tokenizer (save_pretrained)"
+            )
         unknown = [n for n in output_names if n not in _ENCODING_FIELDS]
         if unknown:
-            raise ValueError(f"the backbone takes {unknown}, which a tokenizer cannot produce (known: {list(_ENCODING_FIELDS)})")
+            raise ValueError(
+                f"the backbone takes {unknown}, which a tokenizer cannot produce (known: {list(_ENCODING_FIELDS)})"
+            )
         self.tokenizer = Tokenizer.from_file(str(path))
         pad_id, pad_token = _pad_token(self.tokenizer, directory)
         self.tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
@@ -94,5 +105,7 @@ class TextTokenizer:
         encodings = self.tokenizer.encode_batch(batch)
         for i, e in enumerate(encodings):
             _check_content(e.sequence_ids, i, pairs is not None)
-        return {name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings], dtype=np.int64)  # (B, T)
-                for name in self.output_names}
+        return {
+            name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings], dtype=np.int64)  # (B, T)
+            for name in self.output_names
+        }

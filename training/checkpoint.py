@@ -4,6 +4,7 @@ Layout (docs/DESIGN.md section 2): config.json, backbone_config.json, tokenizer/
 (int8 codes, scales, zero points, norms), side.safetensors (adapter + noise parameters),
 metrics.json, manifest.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from contracts.artifacts import ArtifactError, atomic_directory, verify_manifest
+
 from .backbone import encoder_from_config
 from .config import config_from_dict
 from .model import BackboneInfo, SideTuned, build_side_model
@@ -29,8 +31,10 @@ CALIBRATION_ROWS = 512
 
 def examples_jsonl(examples, labels: list[str]) -> str:
     """One JSON row per example; the label by name, or the score itself for regression."""
-    rows = [{"text": e.text, "text_pair": e.text_pair, "label": e.label if isinstance(e.label, float) else labels[e.label]}
-            for e in examples]
+    rows = [
+        {"text": e.text, "text_pair": e.text_pair, "label": e.label if isinstance(e.label, float) else labels[e.label]}
+        for e in examples
+    ]
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -46,14 +50,33 @@ def _contiguous(state: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(out_dir: Path, model: SideTuned, cfg, info: BackboneInfo, tokenizer, labels: list[str],
-                    task: str, text_pair: bool, metrics: dict, noise_state: dict | None = None,
-                    extra_files: dict[str, str] | None = None, task_type: str = "classification") -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    model: SideTuned,
+    cfg,
+    info: BackboneInfo,
+    tokenizer,
+    labels: list[str],
+    task: str,
+    text_pair: bool,
+    metrics: dict,
+    noise_state: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    task_type: str = "classification",
+) -> Path:
     """Write `out_dir/checkpoint` atomically; returns its path."""
     target = Path(out_dir) / "checkpoint"
     with atomic_directory(target, "checkpoint", {"format": CHECKPOINT_FORMAT}) as tmp:
-        meta = {"format": CHECKPOINT_FORMAT, "task": task, "task_type": task_type, "labels": labels, "text_pair": text_pair,
-                "backbone": info.to_dict(), "max_length": cfg.backbone.max_length, "run": cfg.to_dict()}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "task": task,
+            "task_type": task_type,
+            "labels": labels,
+            "text_pair": text_pair,
+            "backbone": info.to_dict(),
+            "max_length": cfg.backbone.max_length,
+            "run": cfg.to_dict(),
+        }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         model.tap.encoder.config.to_json_file(tmp / "backbone_config.json")
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -74,8 +97,10 @@ def read_checkpoint_config(ckpt_dir: Path) -> dict:
     verify_manifest(ckpt_dir, "checkpoint")
     meta = json.loads((ckpt_dir / "config.json").read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{ckpt_dir / 'config.json'}: checkpoint format {meta.get('format')} is not "
-                            f"{CHECKPOINT_FORMAT}; re-run `make train` with this version")
+        raise ArtifactError(
+            f"{ckpt_dir / 'config.json'}: checkpoint format {meta.get('format')} is not "
+            f"{CHECKPOINT_FORMAT}; re-run `make train` with this version"
+        )
     return meta
 
 
@@ -106,8 +131,10 @@ def _load_into(module: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{path} does not match the model described by config.json: {e}".splitlines()[0]
-                            + " ... (was the checkpoint written by another configuration?)") from e
+        raise ArtifactError(
+            f"{path} does not match the model described by config.json: {e}".splitlines()[0]
+            + " ... (was the checkpoint written by another configuration?)"
+        ) from e
 
 
 def load_checkpoint(ckpt_dir: Path):
@@ -122,7 +149,7 @@ def load_checkpoint(ckpt_dir: Path):
     model, _ = build_side_model(cfg, len(meta["labels"]), tokenizer, encoder=encoder, for_loading=True)
     _load_into(model.tap.encoder, _load_safetensors(ckpt_dir / BACKBONE_FILE), ckpt_dir / BACKBONE_FILE)
     side = _load_safetensors(ckpt_dir / SIDE_FILE)
-    adapter_state = {k[len("adapter."):]: v for k, v in side.items() if k.startswith("adapter.")}
+    adapter_state = {k[len("adapter.") :]: v for k, v in side.items() if k.startswith("adapter.")}
     _load_into(model.adapter, adapter_state, ckpt_dir / SIDE_FILE)
     model.eval()
     return model, cfg, meta, tokenizer

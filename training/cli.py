@@ -1,4 +1,5 @@
 """`python -m training`: fine-tune a Hugging Face encoder with MP-ISMoE (or a baseline) into a checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 from contracts.artifacts import ArtifactError
+
 from .config import ConfigError, load_config
 
 EPILOG = """examples:
@@ -20,12 +22,22 @@ metrics.json, manifest.json), metrics.json, train_log.jsonl, curves.png
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/default")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. train.epochs=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. train.epochs=1 (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (CI logs)")
     return p.parse_args(argv)
 

@@ -4,6 +4,7 @@ Every section is a dataclass that validates itself on construction; `load_config
 keys, wrong types and impossible values with the dotted key in the message. The whole `RunConfig`
 is saved as a plain dict in the checkpoint so that export and serving can rebuild the model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,9 @@ class BackboneConfig:
         _check(bool(self.name), "backbone.name", "must not be empty")
         _check(8 <= self.max_length <= 4096, "backbone.max_length", "must be in [8, 4096]")
         _one_of(self.pooling, ("mean", "cls"), "backbone.pooling")
-        _check(self.tiny_hidden % 4 == 0 and self.tiny_hidden >= 8, "backbone.tiny_hidden", "must be a multiple of 4, >= 8")
+        _check(
+            self.tiny_hidden % 4 == 0 and self.tiny_hidden >= 8, "backbone.tiny_hidden", "must be a multiple of 4, >= 8"
+        )
         _check(self.tiny_layers >= 1, "backbone.tiny_layers", "must be >= 1")
 
 
@@ -127,7 +130,9 @@ class SideConfig:
     def __post_init__(self):
         _check(self.reduction >= 1, "side.reduction", "must be >= 1")
         _check(self.num_heads >= 1, "side.num_heads", "must be >= 1")
-        _check(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 1), "side.layers", "1-based, non-empty")
+        _check(
+            self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 1), "side.layers", "1-based, non-empty"
+        )
         _check(self.gate_temperature > 0, "side.gate_temperature", "must be > 0")
         _one_of(self.init, ("prune", "random"), "side.init")
         _check(0.0 <= self.dropout < 1.0, "side.dropout", "must be in [0, 1)")
@@ -169,7 +174,9 @@ class MoEConfig:
         _check(self.upcycle_noise >= 0, "moe.upcycle_noise", "must be >= 0")
         _one_of(self.dispatch, ("sparse", "dense"), "moe.dispatch")
         _one_of(self.routing, ("renorm", "paper"), "moe.routing")
-        _check(self.load_balance_coef >= 0 and self.z_loss_coef >= 0, "moe.load_balance_coef", "coefficients must be >= 0")
+        _check(
+            self.load_balance_coef >= 0 and self.z_loss_coef >= 0, "moe.load_balance_coef", "coefficients must be >= 0"
+        )
         if self.expert_types is not None:
             _check(len(self.expert_types) == self.num_experts, "moe.expert_types", f"needs {self.num_experts} entries")
             for t in self.expert_types:
@@ -237,10 +244,17 @@ class RunConfig:
 
     def __post_init__(self):
         if self.train.method in BACKBONE_TUNING:
-            _check(not self.side.enabled and not self.quant.enabled, "train.method",
-                   f"{self.train.method} tunes the fp backbone: side.enabled and quant.enabled must be false")
+            _check(
+                not self.side.enabled and not self.quant.enabled,
+                "train.method",
+                f"{self.train.method} tunes the fp backbone: side.enabled and quant.enabled must be false",
+            )
         _check(self.side.enabled or not self.moe.enabled, "moe.enabled", "needs side.enabled (the experts live there)")
-        _check(self.quant.layernorm != "full" or self.quant.enabled or self.side.enabled, "quant.layernorm", "needs a side network")
+        _check(
+            self.quant.layernorm != "full" or self.quant.enabled or self.side.enabled,
+            "quant.layernorm",
+            "needs a side network",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

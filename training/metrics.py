@@ -5,6 +5,7 @@
 The primary metric (accuracy, Pearson) chooses the best epoch and is the one the export gate and
 `make regress` hold; the others are reported beside it.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,11 @@ def task_metrics(pred: list, gold: list, task_type: str, num_classes: int) -> di
     if task_type == "regression":
         if len(p) < 2:
             return {"pearson": 0.0, "spearman": 0.0, "mse": 0.0}
-        return {"pearson": _pearson(p, g), "spearman": _pearson(_ranks(p), _ranks(g)),
-                "mse": float(((p - g) ** 2).mean())}
+        return {
+            "pearson": _pearson(p, g),
+            "spearman": _pearson(_ranks(p), _ranks(g)),
+            "mse": float(((p - g) ** 2).mean()),
+        }
     p, g = p.astype(int), g.astype(int)
     out = {"accuracy": float((p == g).mean()) if len(p) else 0.0, "macro_f1": _macro_f1(p, g, num_classes)}
     if num_classes == 2:

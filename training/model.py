@@ -4,6 +4,7 @@ Side methods (MP-ISMoE, LST and their ablations) are `SideTuned`: a frozen (opti
 quantized) `BackboneTap` feeding an `Adapter`. Baselines that tune the backbone itself (full
 fine-tuning, LoRA through peft, BitFit) are `FineTuned`: encoder, pooling, linear head.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -67,8 +68,16 @@ def backbone_info(encoder: nn.Module, cfg: RunConfig, tokenizer) -> BackboneInfo
     has_types = takes_types and "token_type_ids" in tokenizer.model_input_names
     ffn = layer_linears_ffn_dim(encoder)
     cls_mode = salient_mode(cfg, tokenizer)
-    return BackboneInfo(c.model_type, c.hidden_size, ffn, n, tap_layers, has_types, cls_mode,
-                        sum(p.numel() * 4 for p in encoder.parameters()))
+    return BackboneInfo(
+        c.model_type,
+        c.hidden_size,
+        ffn,
+        n,
+        tap_layers,
+        has_types,
+        cls_mode,
+        sum(p.numel() * 4 for p in encoder.parameters()),
+    )
 
 
 class SideTuned(nn.Module):
@@ -114,8 +123,9 @@ class FineTuned(nn.Module):
         return self.classifier(self.dropout(z)), []
 
 
-def build_side_model(cfg: RunConfig, num_labels: int, tokenizer, encoder: nn.Module | None = None,
-                     for_loading: bool = False) -> tuple[SideTuned, BackboneInfo]:
+def build_side_model(
+    cfg: RunConfig, num_labels: int, tokenizer, encoder: nn.Module | None = None, for_loading: bool = False
+) -> tuple[SideTuned, BackboneInfo]:
     """Backbone (quantized if enabled) + adapter. `for_loading` skips work a checkpoint overwrites."""
     encoder = encoder if encoder is not None else load_encoder(cfg.backbone, len(tokenizer), cfg.train.seed)
     info = backbone_info(encoder, cfg, tokenizer)
@@ -136,8 +146,9 @@ def build_finetune_model(cfg: RunConfig, num_labels: int, tokenizer) -> tuple[Fi
     if cfg.train.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=0.1,
-                          target_modules="all-linear")
+        lora = LoraConfig(
+            r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=0.1, target_modules="all-linear"
+        )
         encoder = get_peft_model(encoder, lora)
     model = FineTuned(encoder, num_labels, cfg.backbone.pooling)
     if cfg.train.method == "bitfit":

@@ -12,6 +12,7 @@ The prior (decisions in docs/METHOD.md, "ISMoE routing"):
   prior and the token features compete in one softmax and both get gradient from step 0;
 - `average` (the paper, literally): g' = (softmax(router) + softmax(h . r^T / sqrt(D))) / 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,13 @@ from torch import nn
 PRIOR_MODES = ("logits", "average")
 
 
-def route(logits: torch.Tensor, k: int, mode: str = "renorm", prior: torch.Tensor | None = None,
-          indices: torch.Tensor | None = None):
+def route(
+    logits: torch.Tensor,
+    k: int,
+    mode: str = "renorm",
+    prior: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+):
     """Top-k routing over g = softmax(logits), or g' = (g + prior) / 2 when a prior distribution is given.
 
     logits (B, T, N) router scores (a logits-mode prior is already in them); prior (B, N) or None.
@@ -99,8 +105,16 @@ class FFNExperts(nn.Module):
         return self.w1.shape[0]
 
     @classmethod
-    def upcycle(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, dropout: float = 0.0, mode: str = "copy",
-                noise: float = 0.0, seed: int = 0) -> "FFNExperts":
+    def upcycle(
+        cls,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        num_experts: int,
+        dropout: float = 0.0,
+        mode: str = "copy",
+        noise: float = 0.0,
+        seed: int = 0,
+    ) -> FFNExperts:
         """Sparse upcycling from a dense FFN.
 
         `copy`: every expert is the dense FFN (the paper). `noise`: copies plus Gaussian noise of
@@ -139,7 +153,9 @@ class FFNExperts(nn.Module):
         out = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)  # (N, BT, D)
         return out.view(N, B, T, D).permute(1, 2, 0, 3)  # (B, T, N, D), a view
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def dispatch(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Sparse top-k: each real token through its k experts only, weighted; x (B, T, D) -> (B, T, D).
 
         The (token, expert) assignments of real tokens are sorted by expert and gathered once into
@@ -189,9 +205,18 @@ def centred_unit(x: torch.Tensor) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """Top-k mixture of experts whose routing is steered by the backbone's salient token."""
 
-    def __init__(self, experts: nn.Module, dim: int, backbone_dim: int, top_k: int, prior: bool = True,
-                 routing: str = "renorm", prior_mode: str = "logits", prior_temperature: float = 0.1,
-                 dispatch: str = "dense"):
+    def __init__(
+        self,
+        experts: nn.Module,
+        dim: int,
+        backbone_dim: int,
+        top_k: int,
+        prior: bool = True,
+        routing: str = "renorm",
+        prior_mode: str = "logits",
+        prior_temperature: float = 0.1,
+        dispatch: str = "dense",
+    ):
         super().__init__()
         if prior_mode not in PRIOR_MODES:
             raise ValueError(f"prior_mode must be one of {PRIOR_MODES}, got {prior_mode!r}")
@@ -201,8 +226,9 @@ class MoEBlock(nn.Module):
         nn.init.zeros_(self.router.weight)  # p is uniform at start: routing follows the prior alone
         self.prior_keys = nn.Parameter(torch.randn(n, backbone_dim) * 0.02) if prior else None  # r: (N, D)
         # logits mode: prior scores are cos(h, r_e) / T with T = exp(log_temperature), learned
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(prior_temperature))) \
-            if prior and prior_mode == "logits" else None
+        self.log_temperature = (
+            nn.Parameter(torch.tensor(math.log(prior_temperature))) if prior and prior_mode == "logits" else None
+        )
         self.top_k, self.routing, self.prior_mode, self.dispatch = top_k, routing, prior_mode, dispatch
         self.forced_indices: torch.Tensor | None = None  # set by `forced_routes` only (parity checks)
 
@@ -239,8 +265,13 @@ class MoEBlock(nn.Module):
             gate = dense_gate(weights, idx, self.num_experts)  # (B, T, N)
             expert_out = self.experts(x, context)  # (B, T, N, D)
             y = torch.einsum("btn,btnd->btd", gate.to(expert_out.dtype), expert_out)  # (B, T, D)
-        aux = {"load_balance": load_balancing_loss(g, idx, mask, self.num_experts),
-               "z_loss": router_z_loss(logits, mask), "indices": idx, "gates": g, "prior": prior}
+        aux = {
+            "load_balance": load_balancing_loss(g, idx, mask, self.num_experts),
+            "z_loss": router_z_loss(logits, mask),
+            "indices": idx,
+            "gates": g,
+            "prior": prior,
+        }
         if prior is None and self.prior_keys is not None and not self.training:  # diagnostics only
             aux["prior"] = torch.softmax(self.prior_scores(salient), dim=-1)  # (B, N)
         return y, aux

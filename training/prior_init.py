@@ -5,6 +5,7 @@ Random r (the paper's default reading) start with a spread of about 1% between e
 routing then learns only from the load-balancing loss, which pushes towards uniform. Centroids of
 the layer's own salient tokens give every expert a region of the input space at step 0.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,14 +40,25 @@ def kmeans_prior_init_(model, batches: list[dict], seed: int = 0) -> int:
     Logits mode compares centred unit vectors, so the keys are centroids in that space; the paper's
     average mode takes raw dot products, so its keys are the raw-space means of the same clusters.
     """
-    blocks = [(j, b.ffn) for j, b in enumerate(model.adapter.blocks)
-              if isinstance(b.ffn, MoEBlock) and b.ffn.prior_keys is not None] if model.adapter.side_enabled else []
+    blocks = (
+        [
+            (j, b.ffn)
+            for j, b in enumerate(model.adapter.blocks)
+            if isinstance(b.ffn, MoEBlock) and b.ffn.prior_keys is not None
+        ]
+        if model.adapter.side_enabled
+        else []
+    )
     if not blocks or not batches:
         return 0
     was_training = model.training
     model.eval()
-    salient = torch.cat([model.tap.stream(b["input_ids"], b["attention_mask"], b.get("token_type_ids"),
-                                          lambda j, tap: None) for b in batches])  # (M, K-1, D)
+    salient = torch.cat(
+        [
+            model.tap.stream(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), lambda j, tap: None)
+            for b in batches
+        ]
+    )  # (M, K-1, D)
     model.train(was_training)
     for j, block in blocks:
         raw = salient[:, j].float()  # (M, D)
@@ -56,7 +68,8 @@ def kmeans_prior_init_(model, batches: list[dict], seed: int = 0) -> int:
             keys = centroids
         else:
             assign = (unit @ centroids.t()).argmax(-1)
-            keys = torch.stack([raw[assign == e].mean(0) if (assign == e).any() else raw.mean(0)
-                                for e in range(block.num_experts)])
+            keys = torch.stack(
+                [raw[assign == e].mean(0) if (assign == e).any() else raw.mean(0) for e in range(block.num_experts)]
+            )
         block.prior_keys.copy_(keys.to(block.prior_keys.dtype))
     return len(blocks)

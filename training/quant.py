@@ -12,9 +12,10 @@ formula from destroying degenerate rows:
 (frozen by construction); an optional fp16 CPU copy of the original weight is a plain attribute
 `reference` (never moved by `.to()`, never in the state_dict).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,7 @@ class _RowQuantized(nn.Module):
         """The whole (rows, cols) matrix in dtype (float32 by default)."""
         return dequantize_rows(self.codes(), self.scale, self.zero_point, dtype or torch.float32)
 
-    def _share_storage(self, other: "_RowQuantized") -> None:
+    def _share_storage(self, other: _RowQuantized) -> None:
         """Point at the buffers of `other` (a tied weight): one copy of the codes."""
         self.qweight, self.scale, self.zero_point = other.qweight, other.scale, other.zero_point
         self.reference = other.reference
@@ -131,7 +132,7 @@ class QuantizedLinear(_RowQuantized):
         self.register_buffer("bias", b)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int = 8, rounding: str = "nearest") -> "QuantizedLinear":
+    def from_float(cls, linear: nn.Linear, bits: int = 8, rounding: str = "nearest") -> QuantizedLinear:
         """Quantize a Linear on the device its weight is on."""
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, w.device)
@@ -153,13 +154,14 @@ class QuantizedLinear(_RowQuantized):
 class QuantizedEmbedding(_RowQuantized):
     """nn.Embedding with a per-row n-bit table; a lookup dequantizes only the gathered rows."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, bits: int = 8,
-                 device=None):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, bits: int = 8, device=None
+    ):
         super().__init__(num_embeddings, embedding_dim, bits, device)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, bits: int = 8, rounding: str = "nearest") -> "QuantizedEmbedding":
+    def from_float(cls, embedding: nn.Embedding, bits: int = 8, rounding: str = "nearest") -> QuantizedEmbedding:
         """Quantize an Embedding table on the device it is on."""
         w = embedding.weight
         m = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, bits, w.device)
@@ -167,8 +169,9 @@ class QuantizedEmbedding(_RowQuantized):
         return m
 
     def forward(self, ids: Tensor) -> Tensor:
-        dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) \
-            else torch.float32
+        dtype = (
+            torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else torch.float32
+        )
         return self.gather_rows(ids, dtype)  # (*ids.shape, dim)
 
     def extra_repr(self) -> str:
@@ -201,8 +204,9 @@ def _quantize_module(m: nn.Module, cfg: QuantConfig, tied: dict[int, tuple[Tenso
     return new
 
 
-def quantize_(model: nn.Module, cfg: QuantConfig,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list[str]:
+def quantize_(
+    model: nn.Module, cfg: QuantConfig, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> list[str]:
     """Replace, in place, every nn.Linear (and nn.Embedding if cfg.quantize_embeddings) passing filter_fn(module, name)
     (torchao's argument order).
 
@@ -242,7 +246,7 @@ def quant_error(module: _RowQuantized, reference: Tensor | None = None) -> tuple
     err = norm = 0.0
     for start in range(0, ref.shape[0], _ERROR_CHUNK_ROWS):
         idx = torch.arange(start, min(start + _ERROR_CHUNK_ROWS, ref.shape[0]), device=dev)
-        r = ref[start:start + len(idx)].to(dev, torch.float32)
+        r = ref[start : start + len(idx)].to(dev, torch.float32)
         err += (r - module.gather_rows(idx)).pow(2).sum().item()
         norm += r.pow(2).sum().item()
     return err, err / max(norm, 1e-30)

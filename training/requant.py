@@ -18,10 +18,11 @@ evaluations the picked rows are restored bit-exactly from a snapshot. The picked
 the SPSA deltas come from a CPU torch.Generator seeded from (seed, event index), so an event is
 reproducible on any device and after a resume (the event index is in the state_dict).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,10 @@ from training.quant import QUANTIZED_TYPES, quant_error, quantize_rows
 def _sq_norm(m: nn.Module, chunk: int = 4096) -> float:
     """||W_hat||_F^2, dequantizing a chunk of rows at a time."""
     rows, dev = m.num_rows, m.qweight.device
-    return sum(m.gather_rows(torch.arange(i, min(i + chunk, rows), device=dev)).pow(2).sum().item()
-               for i in range(0, rows, chunk))
+    return sum(
+        m.gather_rows(torch.arange(i, min(i + chunk, rows), device=dev)).pow(2).sum().item()
+        for i in range(0, rows, chunk)
+    )
 
 
 class _Picked:
@@ -70,8 +73,9 @@ class Requantizer:
     pretrained ones instead of drifting from event to event.
     """
 
-    def __init__(self, model: nn.Module, cfg: QuantConfig, seed: int = 0, base: str = "dequantized",
-                 record: bool = False):
+    def __init__(
+        self, model: nn.Module, cfg: QuantConfig, seed: int = 0, base: str = "dequantized", record: bool = False
+    ):
         if base not in ("dequantized", "reference"):
             raise ValueError(f"base must be 'dequantized' or 'reference', got {base!r}")
         self.cfg, self.seed, self.base, self.record = cfg, seed, base, record
@@ -86,11 +90,15 @@ class Requantizer:
         self.mu = {n: torch.tensor(float(cfg.noise_mu_init)) for n in self.modules}
         self.rho = {n: torch.tensor(float(cfg.noise_rho_init)) for n in self.modules}
         with_ref = bool(self.modules) and all(m.reference is not None for m in self.modules.values())
-        self._ref_norm = {n: m.reference.float().pow(2).sum().item() for n, m in self.modules.items()} \
-            if with_ref else None
+        self._ref_norm = (
+            {n: m.reference.float().pow(2).sum().item() for n, m in self.modules.items()} if with_ref else None
+        )
         self.events = 0
-        self._adam = {"m": torch.zeros(len(self.modules), 2), "v": torch.zeros(len(self.modules), 2),
-                      "t": torch.tensor(0)}  # Adam moments of the SPSA estimates, over all events
+        self._adam = {
+            "m": torch.zeros(len(self.modules), 2),
+            "v": torch.zeros(len(self.modules), 2),
+            "t": torch.tensor(0),
+        }  # Adam moments of the SPSA estimates, over all events
         self.last_picked: dict[str, _Picked] = {}  # only filled when record=True (tests, debugging)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -160,8 +168,9 @@ class Requantizer:
         start_norm = 0.0 if self._ref_norm is not None else sum(_sq_norm(m) for m in self.modules.values())
         before = self._error(picked, start_norm)
         names = list(self.mu)
-        theta = torch.stack([torch.stack([self.mu[n], self.rho[n]]) for n in names]) if names \
-            else torch.zeros(0, 2)  # (T, 2)
+        theta = (
+            torch.stack([torch.stack([self.mu[n], self.rho[n]]) for n in names]) if names else torch.zeros(0, 2)
+        )  # (T, 2)
         losses = []
         if cfg.noise == "learned" and loss_fn is not None and picked:
             c = cfg.spsa_perturbation
@@ -188,8 +197,10 @@ class Requantizer:
             "rows": sum(len(p.rows) for p in picked.values()),
             "noise": cfg.noise,
             "error_reference": "fp16" if self._ref_norm is not None else "dequantized_at_event_start",
-            "error_before": before[0], "rel_error_before": before[1],
-            "error_after": after[0], "rel_error_after": after[1],
+            "error_before": before[0],
+            "rel_error_before": before[1],
+            "error_after": after[0],
+            "rel_error_after": after[1],
             "spsa_losses": losses,
             "mu_mean": theta[:, 0].mean().item() if names else 0.0,
             "sigma_mean": F.softplus(theta[:, 1]).mean().item() if names else 0.0,
@@ -199,5 +210,7 @@ class Requantizer:
 
     @staticmethod
     def _split(names: list[str], theta: Tensor) -> tuple[dict[str, float], dict[str, float]]:
-        return ({n: theta[i, 0].item() for i, n in enumerate(names)},
-                {n: theta[i, 1].item() for i, n in enumerate(names)})
+        return (
+            {n: theta[i, 0].item() for i, n in enumerate(names)},
+            {n: theta[i, 1].item() for i, n in enumerate(names)},
+        )

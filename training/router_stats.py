@@ -4,6 +4,7 @@ Per MoE block, over the validation split: the mean entropy of the gate distribut
 uniform), the share of top-k assignments each expert receives, the spread of the prior between
 experts, and the mean pairwise cosine similarity of the experts' weights (1.0 = identical copies).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,17 +39,27 @@ class RouterStats:
     def summary(self, model) -> dict:
         """{"blocks": [{entropy, entropy_uniform, load, prior_spread, expert_similarity}, ...]}."""
         blocks = []
-        moes = [b.ffn for b in model.adapter.blocks] if getattr(model, "adapter", None) is not None \
-            and model.adapter.side_enabled else []
+        moes = (
+            [b.ffn for b in model.adapter.blocks]
+            if getattr(model, "adapter", None) is not None and model.adapter.side_enabled
+            else []
+        )
         for j, moe in enumerate(moes):
             if not isinstance(moe, MoEBlock) or j not in self.entropy:
                 continue
             load = self.load[j] / self.load[j].sum().clamp_min(1)
-            blocks.append({"block": j, "entropy": sum(self.entropy[j]) / len(self.entropy[j]),
-                           "entropy_uniform": math.log(moe.num_experts), "load": [round(float(v), 4) for v in load],
-                           "prior_spread": (sum(self.prior_spread[j]) / len(self.prior_spread[j])
-                                            if self.prior_spread.get(j) else None),
-                           "expert_similarity": expert_similarity(moe)})
+            blocks.append(
+                {
+                    "block": j,
+                    "entropy": sum(self.entropy[j]) / len(self.entropy[j]),
+                    "entropy_uniform": math.log(moe.num_experts),
+                    "load": [round(float(v), 4) for v in load],
+                    "prior_spread": (
+                        sum(self.prior_spread[j]) / len(self.prior_spread[j]) if self.prior_spread.get(j) else None
+                    ),
+                    "expert_similarity": expert_similarity(moe),
+                }
+            )
         return {"blocks": blocks}
 
 

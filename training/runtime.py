@@ -1,4 +1,5 @@
 """Where and how a run computes: seeding, device, autocast, moving batches, and training-step peak memory."""
+
 from __future__ import annotations
 
 import random

@@ -10,6 +10,7 @@ and `ladder(...)` runs the side blocks on the d-wide projections. `forward` does
 In training, side blocks are recomputed in the backward pass (`side.recompute`): only their
 inputs are kept.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,17 +66,28 @@ def upcycle(dense: DenseFFN, backbone_dim: int, moe: MoEConfig, dropout: float, 
 
         experts = HeterogeneousExperts.from_dense(dense, moe, backbone_dim, dropout)
     else:
-        experts = FFNExperts.upcycle(dense.fc1, dense.fc2, moe.num_experts, dense.dropout.p, moe.upcycle,
-                                     moe.upcycle_noise, seed)
-    return MoEBlock(experts, dense.fc1.in_features, backbone_dim, moe.top_k, moe.prior, moe.routing, moe.prior_mode,
-                    moe.prior_temperature, moe.dispatch)
+        experts = FFNExperts.upcycle(
+            dense.fc1, dense.fc2, moe.num_experts, dense.dropout.p, moe.upcycle, moe.upcycle_noise, seed
+        )
+    return MoEBlock(
+        experts,
+        dense.fc1.in_features,
+        backbone_dim,
+        moe.top_k,
+        moe.prior,
+        moe.routing,
+        moe.prior_mode,
+        moe.prior_temperature,
+        moe.dispatch,
+    )
 
 
 class Adapter(nn.Module):
     """Ladder side network + head: (hidden_states (B,K,T,D), cls_states (B,K-1,D), mask (B,T)) -> logits (B,C)."""
 
-    def __init__(self, backbone_dim: int, ffn_dim: int, num_taps: int, num_labels: int, side: SideConfig,
-                 pooling: str = "mean"):
+    def __init__(
+        self, backbone_dim: int, ffn_dim: int, num_taps: int, num_labels: int, side: SideConfig, pooling: str = "mean"
+    ):
         super().__init__()
         d = backbone_dim // side.reduction
         self.side_dim, self.pooling, self.side_enabled, self.recompute = d, pooling, side.enabled, side.recompute
@@ -86,9 +98,11 @@ class Adapter(nn.Module):
             self.alphas = nn.Parameter(torch.zeros(num_taps - 1))
             self.gate_temperature = side.gate_temperature
             self.blocks = nn.ModuleList(
-                SideBlock(d, DenseFFN(d, max(4, ffn_dim // side.reduction), side.ffn_dropout), side.num_heads,
-                          side.dropout)
-                for _ in range(num_taps - 1))
+                SideBlock(
+                    d, DenseFFN(d, max(4, ffn_dim // side.reduction), side.ffn_dropout), side.num_heads, side.dropout
+                )
+                for _ in range(num_taps - 1)
+            )
             self.side_norm = nn.LayerNorm(d)
             self.up = nn.Linear(d, backbone_dim)
             if self.combine_backbone:  # start exactly at a linear probe of the frozen backbone
@@ -106,8 +120,9 @@ class Adapter(nn.Module):
     @property
     def needs_context(self) -> bool:
         """Whether an expert reads the full-width backbone tokens (HMMoE cross-attention)."""
-        return self.side_enabled and any(getattr(b.ffn.experts, "needs_context", False)
-                                         for b in self.blocks if hasattr(b.ffn, "experts"))
+        return self.side_enabled and any(
+            getattr(b.ffn.experts, "needs_context", False) for b in self.blocks if hasattr(b.ffn, "experts")
+        )
 
     def pool(self, x, mask):
         return masked_mean(x, mask) if self.pooling == "mean" else x[:, 0]
@@ -186,7 +201,9 @@ def prune_init_(adapter: Adapter, encoder: nn.Module, tap_layers: list[int]) -> 
             continue
         (q, k, v, o), (fin, fout) = layer_linears(encoder, li - 1)
         d = adapter.side_dim
-        importance = sum(m.weight.abs().sum(0) for m in (q, k, v, fin)) + o.weight.abs().sum(1) + fout.weight.abs().sum(1)
+        importance = (
+            sum(m.weight.abs().sum(0) for m in (q, k, v, fin)) + o.weight.abs().sum(1) + fout.weight.abs().sum(1)
+        )
         keep = importance.topk(d).indices.sort().values  # (d,)
         with torch.no_grad():
             for src, dst in zip((q, k, v, o), (block.attn.q, block.attn.k, block.attn.v, block.attn.o)):

@@ -5,6 +5,7 @@ epoch, best-on-validation weights, GNP-IQ re-quantization events every M epochs,
 log, curves / routing / GNP-IQ PNGs, and `metrics.json` with the task's metrics (training/metrics.py),
 peak memory and step time. Classification trains with cross-entropy, regression with MSE.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,12 @@ PROBE_SEED_OFFSET = 7919  # SPSA and k-means batches come from their own generat
 
 def linear_warmup_decay(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then linear decay to 0 (transformers' schedule, without importing its trainer stack)."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -52,8 +55,9 @@ def make_optimizer(model, cfg: RunConfig):
             decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else cfg.train.weight_decay
             lr = head_lr if "classifier" in name else cfg.train.lr
             groups.setdefault((lr, decay), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             lr=cfg.train.lr)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], lr=cfg.train.lr
+    )
 
 
 def snapshot(model) -> dict:
@@ -82,14 +86,32 @@ class Trainer:
         self.model.to(self.device)
         self.requantizer = self._requantizer()
         self.sampler = ShardSampler(len(self.splits.train), cfg.train.seed, self.dist.rank, self.dist.world)
-        self.train_loader = make_loader(self.splits.train, self.tokenizer, cfg.backbone.max_length,
-                                        cfg.train.batch_size // self.dist.world, False, sampler=self.sampler,
-                                        pad_to_max_length=cfg.backbone.pad_to_max_length)
-        self.probe_loader = make_loader(self.splits.train, self.tokenizer, cfg.backbone.max_length, cfg.train.batch_size,
-                                        True, cfg.train.seed + PROBE_SEED_OFFSET, cfg.backbone.pad_to_max_length)
-        self.eval_loader = lambda rows: make_loader(rows, self.tokenizer, cfg.backbone.max_length,
-                                                    cfg.train.eval_batch_size, False,
-                                                    pad_to_max_length=cfg.backbone.pad_to_max_length)
+        self.train_loader = make_loader(
+            self.splits.train,
+            self.tokenizer,
+            cfg.backbone.max_length,
+            cfg.train.batch_size // self.dist.world,
+            False,
+            sampler=self.sampler,
+            pad_to_max_length=cfg.backbone.pad_to_max_length,
+        )
+        self.probe_loader = make_loader(
+            self.splits.train,
+            self.tokenizer,
+            cfg.backbone.max_length,
+            cfg.train.batch_size,
+            True,
+            cfg.train.seed + PROBE_SEED_OFFSET,
+            cfg.backbone.pad_to_max_length,
+        )
+        self.eval_loader = lambda rows: make_loader(
+            rows,
+            self.tokenizer,
+            cfg.backbone.max_length,
+            cfg.train.eval_batch_size,
+            False,
+            pad_to_max_length=cfg.backbone.pad_to_max_length,
+        )
         self.log_path = self.out_dir / "train_log.jsonl" if self.dist.is_main else Path(os.devnull)
         self.ddp = None  # the DistributedDataParallel wrapper, built in run() after the prior's k-means init
 
@@ -104,8 +126,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
-                                               find_unused_parameters=True)
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
+            )
 
     def _requantizer(self):
         q = self.cfg.quant
@@ -139,6 +162,7 @@ class Trainer:
                     logits, _ = self.model(b)
                 total += task_loss(logits, b["labels"], self.splits.task_type).item()
             return self.dist.mean(total / len(batches))  # every rank takes the same SPSA step
+
         return loss_fn
 
     def _train_epoch(self, epoch, optimizer, scheduler, log, step_times, global_step):
@@ -165,10 +189,20 @@ class Trainer:
             global_step += 1
             losses.append(main_loss.item())
             if global_step % cfg.log_every == 0:
-                log.write(json.dumps({"step": global_step, "epoch": epoch + 1, "loss": loss.item(),
-                                      "task_loss": main_loss.item(), "lr": scheduler.get_last_lr()[0],
-                                      "step_time_s": step_times[-1]}) + "\n")
-                bar.set_postfix(loss=f"{statistics.fmean(losses[-cfg.log_every:]):.4f}")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": global_step,
+                            "epoch": epoch + 1,
+                            "loss": loss.item(),
+                            "task_loss": main_loss.item(),
+                            "lr": scheduler.get_last_lr()[0],
+                            "step_time_s": step_times[-1],
+                        }
+                    )
+                    + "\n"
+                )
+                bar.set_postfix(loss=f"{statistics.fmean(losses[-cfg.log_every :]):.4f}")
             if cfg.max_steps and global_step >= cfg.max_steps:
                 break
         return global_step, statistics.fmean(losses) if losses else float("nan")
@@ -185,8 +219,10 @@ class Trainer:
         self._wrap()
         memory = PeakMemory(self.device)
         ranks = f" x {self.dist.world} processes" if self.dist.enabled else ""
-        self._say(f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}{ranks}; "
-                  f"{trainable_parameters(self.model):,} trainable parameters")
+        self._say(
+            f"[train] {cfg.train.method} on {describe(self.splits)}; device {self.device}{ranks}; "
+            f"{trainable_parameters(self.model):,} trainable parameters"
+        )
         spsa_loss = self._spsa_loss_fn() if self.requantizer and cfg.quant.noise == "learned" else None
         epochs, events, step_times, global_step = [], [], [], 0
         best = {"primary": -math.inf}
@@ -203,16 +239,27 @@ class Trainer:
                 routing = router.summary(self.model)
                 if routing["blocks"]:
                     log.write(json.dumps({"event": "router", "epoch": epoch + 1, **routing}) + "\n")
-                record = {"epoch": epoch + 1, "train_loss": train_loss, f"val_{metric}": val["primary"],
-                          "val_loss": val["loss"], "time_s": time.perf_counter() - t0}
+                record = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    f"val_{metric}": val["primary"],
+                    "val_loss": val["loss"],
+                    "time_s": time.perf_counter() - t0,
+                }
                 epochs.append(record)
                 log.write(json.dumps({"event": "eval", **record}) + "\n")
-                self._say(f"[train] epoch {epoch + 1}: train loss {self.dist.mean(train_loss):.4f}  "
-                          f"val {metric} {val['primary']:.4f}")
+                self._say(
+                    f"[train] epoch {epoch + 1}: train loss {self.dist.mean(train_loss):.4f}  "
+                    f"val {metric} {val['primary']:.4f}"
+                )
                 if val["primary"] > best["primary"]:
-                    best = {"primary": val["primary"], "metrics": val["metrics"], "epoch": epoch + 1,
-                            "state": snapshot(self.model),
-                            "noise": self._noise_state()}
+                    best = {
+                        "primary": val["primary"],
+                        "metrics": val["metrics"],
+                        "epoch": epoch + 1,
+                        "state": snapshot(self.model),
+                        "noise": self._noise_state(),
+                    }
                 last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and global_step >= cfg.train.max_steps)
                 if self.requantizer and (epoch + 1) % cfg.quant.requant_every_epochs == 0 and not last:
                     event = self.requantizer.event(spsa_loss)
@@ -233,8 +280,17 @@ class Trainer:
         return metrics
 
     def _evaluate(self, examples: list, router: RouterStats | None = None) -> dict:
-        return evaluate(self.model, examples, self.eval_loader, self.device, self.cfg.train.amp, router, self.dist,
-                        self.splits.task_type, len(self.splits.labels))
+        return evaluate(
+            self.model,
+            examples,
+            self.eval_loader,
+            self.device,
+            self.cfg.train.amp,
+            router,
+            self.dist,
+            self.splits.task_type,
+            len(self.splits.labels),
+        )
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
@@ -246,19 +302,34 @@ class Trainer:
     def _metrics(self, test, best, epochs, events, step_times, train_time, peak, peak_kind, static_memory) -> dict:
         qbytes = backbone_bytes(self.model)
         return {
-            "task": self.splits.name, "method": self.cfg.train.method, "labels": self.splits.labels,
-            "task_type": self.splits.task_type, "primary_metric": PRIMARY[self.splits.task_type],
-            "test_metrics": test["metrics"], "val_metrics": best["metrics"],
-            **({"test_accuracy": test["accuracy"], "val_accuracy": best["metrics"]["accuracy"]}
-               if self.splits.task_type == "classification" else {}), "best_epoch": best["epoch"],
-            "test_size": len(self.splits.test), "epochs": epochs,
+            "task": self.splits.name,
+            "method": self.cfg.train.method,
+            "labels": self.splits.labels,
+            "task_type": self.splits.task_type,
+            "primary_metric": PRIMARY[self.splits.task_type],
+            "test_metrics": test["metrics"],
+            "val_metrics": best["metrics"],
+            **(
+                {"test_accuracy": test["accuracy"], "val_accuracy": best["metrics"]["accuracy"]}
+                if self.splits.task_type == "classification"
+                else {}
+            ),
+            "best_epoch": best["epoch"],
+            "test_size": len(self.splits.test),
+            "epochs": epochs,
             "trainable_parameters": trainable_parameters(self.model),
-            "backbone_bytes": qbytes, "backbone_fp32_bytes": self.info.fp32_bytes,
+            "backbone_bytes": qbytes,
+            "backbone_fp32_bytes": self.info.fp32_bytes,
             "backbone_bytes_ratio": qbytes / self.info.fp32_bytes,
-            "peak_memory_gib": peak, "peak_memory_kind": peak_kind, "static_memory_gib": static_memory,
+            "peak_memory_gib": peak,
+            "peak_memory_kind": peak_kind,
+            "static_memory_gib": static_memory,
             "step_time_s_median": statistics.median(step_times) if step_times else None,
-            "train_time_s": train_time, "requant_events": [_jsonable(e) for e in events],
-            "device": str(self.device), "cpu_threads": torch.get_num_threads(), "processes": self.dist.world,
+            "train_time_s": train_time,
+            "requant_events": [_jsonable(e) for e in events],
+            "device": str(self.device),
+            "cpu_threads": torch.get_num_threads(),
+            "processes": self.dist.world,
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
             "torch": torch.__version__,
         }
@@ -269,17 +340,31 @@ class Trainer:
         plot_router(self.log_path, self.out_dir / "router.png", title=f"{self.cfg.name}: routing per epoch")
         plot_noise(self.log_path, self.out_dir / "gnp_iq.png", title=f"{self.cfg.name}: GNP-IQ events")
         if isinstance(self.model, SideTuned):
-            save_checkpoint(self.out_dir, self.model, self.cfg, self.info, self.tokenizer, self.splits.labels,
-                            self.splits.name, self.splits.text_pair, metrics, best["noise"],
-                            extra_files={HELDOUT_FILE: examples_jsonl(self.splits.test, self.splits.labels),
-                                         CALIBRATION_FILE: examples_jsonl(self.splits.train[:CALIBRATION_ROWS],
-                                                                          self.splits.labels)},
-                            task_type=self.splits.task_type)
+            save_checkpoint(
+                self.out_dir,
+                self.model,
+                self.cfg,
+                self.info,
+                self.tokenizer,
+                self.splits.labels,
+                self.splits.name,
+                self.splits.text_pair,
+                metrics,
+                best["noise"],
+                extra_files={
+                    HELDOUT_FILE: examples_jsonl(self.splits.test, self.splits.labels),
+                    CALIBRATION_FILE: examples_jsonl(self.splits.train[:CALIBRATION_ROWS], self.splits.labels),
+                },
+                task_type=self.splits.task_type,
+            )
             print(f"[train] checkpoint written to {self.out_dir / 'checkpoint'}", flush=True)
         primary = metrics["primary_metric"]
-        print(f"[train] test {primary} {metrics['test_metrics'][primary]:.4f}; backbone bytes ratio "
-              f"{metrics['backbone_bytes_ratio']:.3f}; peak memory {metrics['peak_memory_gib']:.2f} GiB "
-              f"({metrics['peak_memory_kind']})", flush=True)
+        print(
+            f"[train] test {primary} {metrics['test_metrics'][primary]:.4f}; backbone bytes ratio "
+            f"{metrics['backbone_bytes_ratio']:.3f}; peak memory {metrics['peak_memory_gib']:.2f} GiB "
+            f"({metrics['peak_memory_kind']})",
+            flush=True,
+        )
 
 
 def _jsonable(obj):

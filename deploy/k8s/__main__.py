@@ -10,6 +10,7 @@ source) and OUT/prometheus-adapter-values.yaml (the autoscaling metric's rule). 
 probe timings, tasks and the serve config come from serving/ and the repository's repository.json.
 See docs/DEPLOY.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,15 @@ log = logging.getLogger("deploy.k8s")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deploy.k8s", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="a generated model repository (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m deploy.k8s",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--repository", default=str(DEFAULT_REPOSITORY), help="a generated model repository (default: %(default)s)"
+    )
     p.add_argument("--out", default="deploy/rendered", help="output directory (default: %(default)s)")
     p.add_argument("--allow-incomplete", action="store_true", help="render although models lack their TensorRT engine")
     defaults = DeployConfig()
@@ -51,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         log.error("%s", e)
         return 1
-    log.info("tasks %s (target %s); wrote %d files under %s; apply with: kubectl apply -f %s",
-             ", ".join(sorted(repo.tasks)), repo.serve.target, len(written), args.out, Path(args.out) / MANIFESTS_DIR)
+    log.info(
+        "tasks %s (target %s); wrote %d files under %s; apply with: kubectl apply -f %s",
+        ", ".join(sorted(repo.tasks)),
+        repo.serve.target,
+        len(written),
+        args.out,
+        Path(args.out) / MANIFESTS_DIR,
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ Everything the server already decides (ports, restricted APIs, queue bounds, tas
 from serving/: the repository's own repository.json (its ServeConfig and tasks) and ServerOptions'
 defaults. DeployConfig holds only what a cluster adds: image, replicas, storage, scaling target, sizes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,14 +45,23 @@ class DeployConfig:
     """What a Kubernetes deployment adds to the served repository; checks itself on construction."""
 
     name: str = _opt("mp-ismoe", "name of the Deployment, Service and the other objects")
-    namespace: str = _opt("mp-ismoe", "namespace of every object (rendered as a Namespace with the restricted pod security level)")
-    image: str = _opt(f"mp-ismoe-triton:{VERSION}", "the image deploy/Dockerfile built (push it; a @sha256 digest is best)")
+    namespace: str = _opt(
+        "mp-ismoe", "namespace of every object (rendered as a Namespace with the restricted pod security level)"
+    )
+    image: str = _opt(
+        f"mp-ismoe-triton:{VERSION}", "the image deploy/Dockerfile built (push it; a @sha256 digest is best)"
+    )
     replicas: int = _opt(1, "minimum replicas (the HorizontalPodAutoscaler's minReplicas), one GPU each")
     max_replicas: int = _opt(4, "maximum replicas the autoscaler may add")
-    model_source: str = _opt("pvc:mp-ismoe-models", "pvc:<claim> (a ReadWriteMany volume, mounted read-only) or "
-                                                     "s3://, gs://, as:// (Triton reads the repository from object storage)")
+    model_source: str = _opt(
+        "pvc:mp-ismoe-models",
+        "pvc:<claim> (a ReadWriteMany volume, mounted read-only) or "
+        "s3://, gs://, as:// (Triton reads the repository from object storage)",
+    )
     storage_class: str = _opt("", "storageClassName of the rendered PVC (empty: the cluster's default)")
-    target_queue_us: int = _opt(50_000, "autoscaling target: average queue time per ensemble request (us), summed over its models")
+    target_queue_us: int = _opt(
+        50_000, "autoscaling target: average queue time per ensemble request (us), summed over its models"
+    )
     cpu: str = _opt("4", "CPU request of the tritonserver container (the limit is twice it)")
     memory: str = _opt("16Gi", "memory request and limit of the tritonserver container (includes /dev/shm)")
     service_monitor: bool = _opt(True, "a prometheus-operator ServiceMonitor (else prometheus.io/* pod annotations)")
@@ -59,21 +69,42 @@ class DeployConfig:
     internal_http_port: int = _opt(8080, "tritonserver's own HTTP port, on 127.0.0.1 inside the pod behind the guard")
 
     def __post_init__(self):
-        _check(bool(_DNS_LABEL.match(self.name)), "name", f"must be a DNS label of at most 52 characters, got {self.name!r}")
+        _check(
+            bool(_DNS_LABEL.match(self.name)),
+            "name",
+            f"must be a DNS label of at most 52 characters, got {self.name!r}",
+        )
         _check(bool(_DNS_LABEL.match(self.namespace)), "namespace", f"must be a DNS label, got {self.namespace!r}")
-        _check(bool(self.image) and not self.image.endswith(":latest") and (":" in self.image.rsplit("/", 1)[-1] or "@" in self.image),
-               "image", f"needs an explicit tag or digest (not latest), got {self.image!r}")
-        _check(1 <= self.replicas <= self.max_replicas <= 100, "replicas",
-               f"need 1 <= replicas <= max_replicas <= 100, got {self.replicas}, {self.max_replicas}")
-        _check(bool(_SOURCE.match(self.model_source)), "model_source",
-               f"must be pvc:<claim> or an s3://, gs:// or as:// URL, got {self.model_source!r}")
+        _check(
+            bool(self.image)
+            and not self.image.endswith(":latest")
+            and (":" in self.image.rsplit("/", 1)[-1] or "@" in self.image),
+            "image",
+            f"needs an explicit tag or digest (not latest), got {self.image!r}",
+        )
+        _check(
+            1 <= self.replicas <= self.max_replicas <= 100,
+            "replicas",
+            f"need 1 <= replicas <= max_replicas <= 100, got {self.replicas}, {self.max_replicas}",
+        )
+        _check(
+            bool(_SOURCE.match(self.model_source)),
+            "model_source",
+            f"must be pvc:<claim> or an s3://, gs:// or as:// URL, got {self.model_source!r}",
+        )
         _check(self.target_queue_us >= 100, "target_queue_us", f"must be >= 100 us, got {self.target_queue_us}")
         for key, pattern in _QUANTITY.items():
-            _check(bool(pattern.match(getattr(self, key))), key, f"must be a Kubernetes {key} quantity like "
-                   f"{getattr(DeployConfig, key)!r}, got {getattr(self, key)!r}")
+            _check(
+                bool(pattern.match(getattr(self, key))),
+                key,
+                f"must be a Kubernetes {key} quantity like {getattr(DeployConfig, key)!r}, got {getattr(self, key)!r}",
+            )
         _check(60 <= self.startup_s <= 3600, "startup_s", f"must be in [60, 3600], got {self.startup_s}")
-        _check(1024 <= self.internal_http_port < 65536 and self.internal_http_port not in self.public_ports.values(),
-               "internal_http_port", f"must be a free port >= 1024 other than {sorted(self.public_ports.values())}")
+        _check(
+            1024 <= self.internal_http_port < 65536 and self.internal_http_port not in self.public_ports.values(),
+            "internal_http_port",
+            f"must be a free port >= 1024 other than {sorted(self.public_ports.values())}",
+        )
 
     @property
     def public_ports(self) -> dict[str, int]:
@@ -83,7 +114,7 @@ class DeployConfig:
 
     @property
     def pvc_claim(self) -> str | None:
-        return self.model_source[len("pvc:"):] if self.model_source.startswith("pvc:") else None
+        return self.model_source[len("pvc:") :] if self.model_source.startswith("pvc:") else None
 
 
 @dataclass(frozen=True)
@@ -102,7 +133,10 @@ class Repository:
     def python_instances(self) -> int:
         """Python-backend stub processes (each holds its own /dev/shm region)."""
         s = self.serve
-        n = len(self.models["tokenizer"]) * s.tokenizer_instances + len(self.models["postprocess"]) * s.postprocess_instances
+        n = (
+            len(self.models["tokenizer"]) * s.tokenizer_instances
+            + len(self.models["postprocess"]) * s.postprocess_instances
+        )
         if s.target == "cpu":  # backbone and adapters run ONNX Runtime in python models too
             n += len(self.models["backbone"]) * s.backbone_instances + len(self.models["adapter"]) * s.adapter_instances
         return n
@@ -116,12 +150,21 @@ def load_repository(path: str | Path) -> Repository:
         text = summary_file.read_text()
         summary = json.loads(text)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{summary_file}: {e}; generate the repository first: python -m serving --runs runs/<name> "
-                          f"--target gpu --generate-only --repository {path}") from None
+        raise ConfigError(
+            f"{summary_file}: {e}; generate the repository first: python -m serving --runs runs/<name> "
+            f"--target gpu --generate-only --repository {path}"
+        ) from None
     if summary.get("generated_by") != GENERATOR or not summary.get("tasks"):
         raise ConfigError(f"{summary_file} was not written by {GENERATOR} or lists no task; regenerate the repository")
     tasks = summary["tasks"]
     models = {kind: {t[kind] for t in tasks.values()} for kind in ("tokenizer", "backbone", "adapter", "postprocess")}
     size = sum((path / f).stat().st_size for f in summary.get("files", []) if (path / f).is_file())
-    return Repository(path, ServeConfig(**summary["serve_config"]), {k: bool(v.get("text_pair")) for k, v in tasks.items()},
-                      models, tuple(summary.get("notes", [])), size, hashlib.sha256(text.encode()).hexdigest())
+    return Repository(
+        path,
+        ServeConfig(**summary["serve_config"]),
+        {k: bool(v.get("text_pair")) for k, v in tasks.items()},
+        models,
+        tuple(summary.get("notes", [])),
+        size,
+        hashlib.sha256(text.encode()).hexdigest(),
+    )

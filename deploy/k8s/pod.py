@@ -13,12 +13,12 @@ Probes (docs/DEPLOY.md): startup and liveness are Triton's /v2/health/live (thro
 starts its endpoints only after every model loaded, so live = loaded); readiness is the canary, at the
 supervisor's interval and strike count.
 """
+
 from __future__ import annotations
 
+from deploy.k8s.config import VERSION, DeployConfig, Repository, server_defaults
 from serving.server import ADMIN_HEADER, RESTRICTED_APIS
 from serving.supervisor import SupervisorConfig
-
-from deploy.k8s.config import VERSION, DeployConfig, Repository, server_defaults
 
 MODELS_DIR = "/models"
 ADMIN_KEY_ENV = "MPISMOE_ADMIN_KEY"
@@ -33,8 +33,12 @@ def selector(cfg: DeployConfig) -> dict[str, str]:
 
 
 def labels(cfg: DeployConfig) -> dict[str, str]:
-    return {**selector(cfg), "app.kubernetes.io/part-of": "mp-ismoe", "app.kubernetes.io/version": VERSION,
-            "app.kubernetes.io/managed-by": "deploy.k8s"}
+    return {
+        **selector(cfg),
+        "app.kubernetes.io/part-of": "mp-ismoe",
+        "app.kubernetes.io/version": VERSION,
+        "app.kubernetes.io/managed-by": "deploy.k8s",
+    }
 
 
 def admin_secret(cfg: DeployConfig) -> str:
@@ -64,41 +68,63 @@ def triton_args(cfg: DeployConfig) -> list[str]:
     d, ports = server_defaults(), cfg.public_ports
     shm_default, shm_growth = (mb * 2**20 for mb in d["python_shm_mb"])
     restricted = restricted_api(f"$({ADMIN_KEY_ENV})")  # Kubernetes substitutes the Secret's value
-    return [f"--model-repository={model_repository(cfg)}",
-            "--http-address=127.0.0.1", f"--http-port={cfg.internal_http_port}",
-            "--grpc-address=0.0.0.0", f"--grpc-port={ports['grpc']}",
-            "--metrics-address=0.0.0.0", f"--metrics-port={ports['metrics']}",
-            "--allow-gpu-metrics=true", "--strict-readiness=true", "--exit-on-error=true",
-            "--disable-auto-complete-config", "--model-control-mode=none", f"--exit-timeout-secs={d['exit_timeout_s']}",
-            f"--log-verbose={d['log_verbose']}",
-            f"--backend-config=python,shm-default-byte-size={shm_default}",
-            f"--backend-config=python,shm-growth-byte-size={shm_growth}",
-            f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+    return [
+        f"--model-repository={model_repository(cfg)}",
+        "--http-address=127.0.0.1",
+        f"--http-port={cfg.internal_http_port}",
+        "--grpc-address=0.0.0.0",
+        f"--grpc-port={ports['grpc']}",
+        "--metrics-address=0.0.0.0",
+        f"--metrics-port={ports['metrics']}",
+        "--allow-gpu-metrics=true",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        "--disable-auto-complete-config",
+        "--model-control-mode=none",
+        f"--exit-timeout-secs={d['exit_timeout_s']}",
+        f"--log-verbose={d['log_verbose']}",
+        f"--backend-config=python,shm-default-byte-size={shm_default}",
+        f"--backend-config=python,shm-growth-byte-size={shm_growth}",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
+    ]
 
 
 def guard_args(cfg: DeployConfig, repo: Repository) -> list[str]:
     """deploy/sidecar.py's command line: the guard's limits and the canary's timeout and tasks, as serving's."""
     d = server_defaults()
     limits = d["guard_limits"]
-    return [f"--listen-port={cfg.public_ports['http']}", f"--upstream-port={cfg.internal_http_port}",
-            f"--max-request-bytes={limits.max_body_bytes}", f"--max-json-depth={limits.max_json_depth}",
-            f"--canary-timeout={d['canary_timeout_s']:g}", f"--drain-seconds={d['exit_timeout_s']}",
-            *(f"--task={task}{':pair' if pair else ''}" for task, pair in sorted(repo.tasks.items()))]
+    return [
+        f"--listen-port={cfg.public_ports['http']}",
+        f"--upstream-port={cfg.internal_http_port}",
+        f"--max-request-bytes={limits.max_body_bytes}",
+        f"--max-json-depth={limits.max_json_depth}",
+        f"--canary-timeout={d['canary_timeout_s']:g}",
+        f"--drain-seconds={d['exit_timeout_s']}",
+        *(f"--task={task}{':pair' if pair else ''}" for task, pair in sorted(repo.tasks.items())),
+    ]
 
 
 def _http_probe(port: int, path: str, period: int, timeout: int, failures: int) -> dict:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": timeout,
-            "failureThreshold": failures}
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
 
 
 def probes(cfg: DeployConfig) -> dict[str, dict]:
     """The triton container's probes, all on the guard's port (Triton's HTTP is on 127.0.0.1)."""
     sup, d, http = SupervisorConfig(), server_defaults(), cfg.public_ports["http"]
     canary_timeout = int(d["canary_timeout_s"])
-    return {"startupProbe": _http_probe(http, "/v2/health/live", 10, 5, -(-cfg.startup_s // 10)),
-            "livenessProbe": _http_probe(http, "/v2/health/live", 10, 5, 3),
-            "readinessProbe": _http_probe(http, "/v2/health/ready", int(sup.canary_interval_s), canary_timeout,
-                                          sup.canary_strikes)}
+    return {
+        "startupProbe": _http_probe(http, "/v2/health/live", 10, 5, -(-cfg.startup_s // 10)),
+        "livenessProbe": _http_probe(http, "/v2/health/live", 10, 5, 3),
+        "readinessProbe": _http_probe(
+            http, "/v2/health/ready", int(sup.canary_interval_s), canary_timeout, sup.canary_strikes
+        ),
+    }
 
 
 def mib(quantity: str) -> float:
@@ -127,13 +153,23 @@ def tmp_mib(cfg: DeployConfig, repo: Repository) -> int:
 
 
 def security_context() -> dict:
-    return {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def pod_security_context() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _pre_stop() -> dict:
@@ -144,14 +180,26 @@ def triton_container(cfg: DeployConfig) -> dict:
     ports = cfg.public_ports
     env = [{"name": ADMIN_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": admin_secret(cfg), "key": "key"}}}]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
-    container = {"name": "triton", "image": cfg.image, "imagePullPolicy": "Always",
-                 "command": ["tritonserver"], "args": triton_args(cfg), "env": env,
-                 "ports": [{"name": "grpc", "containerPort": ports["grpc"], "protocol": "TCP"},
-                           {"name": "metrics", "containerPort": ports["metrics"], "protocol": "TCP"}],
-                 **probes(cfg), "lifecycle": _pre_stop(),
-                 "resources": {"requests": {"cpu": cfg.cpu, "memory": cfg.memory, "nvidia.com/gpu": 1},
-                               "limits": {"cpu": double_cpu(cfg.cpu), "memory": cfg.memory, "nvidia.com/gpu": 1}},
-                 "securityContext": security_context(), "volumeMounts": mounts}
+    container = {
+        "name": "triton",
+        "image": cfg.image,
+        "imagePullPolicy": "Always",
+        "command": ["tritonserver"],
+        "args": triton_args(cfg),
+        "env": env,
+        "ports": [
+            {"name": "grpc", "containerPort": ports["grpc"], "protocol": "TCP"},
+            {"name": "metrics", "containerPort": ports["metrics"], "protocol": "TCP"},
+        ],
+        **probes(cfg),
+        "lifecycle": _pre_stop(),
+        "resources": {
+            "requests": {"cpu": cfg.cpu, "memory": cfg.memory, "nvidia.com/gpu": 1},
+            "limits": {"cpu": double_cpu(cfg.cpu), "memory": cfg.memory, "nvidia.com/gpu": 1},
+        },
+        "securityContext": security_context(),
+        "volumeMounts": mounts,
+    }
     if cfg.pvc_claim:
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
     else:  # AWS_*, GOOGLE_APPLICATION_CREDENTIALS or AZURE_STORAGE_* for Triton's object-store reader, if any
@@ -162,20 +210,30 @@ def triton_container(cfg: DeployConfig) -> dict:
 def guard_container(cfg: DeployConfig, repo: Repository) -> dict:
     http = cfg.public_ports["http"]
     tcp = {"tcpSocket": {"port": http}, "timeoutSeconds": 2}
-    return {"name": "guard", "image": cfg.image, "imagePullPolicy": "Always",
-            "command": ["python3", "-m", "deploy.sidecar"], "args": guard_args(cfg, repo),
-            "ports": [{"name": "http", "containerPort": http, "protocol": "TCP"}],
-            "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
-            "readinessProbe": {**tcp, "periodSeconds": 5, "failureThreshold": 1},
-            "lifecycle": _pre_stop(),
-            "resources": {"requests": {"cpu": GUARD_CPU, "memory": GUARD_MEMORY},
-                          "limits": {"cpu": double_cpu(GUARD_CPU), "memory": GUARD_MEMORY}},
-            "securityContext": security_context(), "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    return {
+        "name": "guard",
+        "image": cfg.image,
+        "imagePullPolicy": "Always",
+        "command": ["python3", "-m", "deploy.sidecar"],
+        "args": guard_args(cfg, repo),
+        "ports": [{"name": "http", "containerPort": http, "protocol": "TCP"}],
+        "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {**tcp, "periodSeconds": 5, "failureThreshold": 1},
+        "lifecycle": _pre_stop(),
+        "resources": {
+            "requests": {"cpu": GUARD_CPU, "memory": GUARD_MEMORY},
+            "limits": {"cpu": double_cpu(GUARD_CPU), "memory": GUARD_MEMORY},
+        },
+        "securityContext": security_context(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
 
 
 def volumes(cfg: DeployConfig, repo: Repository) -> list[dict]:
-    vols = [{"name": "tmp", "emptyDir": {"sizeLimit": f"{tmp_mib(cfg, repo)}Mi"}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib(repo)}Mi"}}]
+    vols = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{tmp_mib(cfg, repo)}Mi"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib(repo)}Mi"}},
+    ]
     if cfg.pvc_claim:
         vols.append({"name": "models", "persistentVolumeClaim": {"claimName": cfg.pvc_claim, "readOnly": True}})
     return vols
@@ -184,21 +242,35 @@ def volumes(cfg: DeployConfig, repo: Repository) -> list[dict]:
 def pod_annotations(cfg: DeployConfig, repo: Repository) -> dict[str, str]:
     """What the pod serves (from repository.json); a new repository changes the checksum and rolls the pods."""
     s = repo.serve
-    notes = {"mp-ismoe/repository-sha256": repo.sha256, "mp-ismoe/tasks": ",".join(sorted(repo.tasks)),
-             "mp-ismoe/target": s.target, "mp-ismoe/max-batch-size": str(s.max_batch_size),
-             "mp-ismoe/max-queue-size": str(s.max_queue_size), "mp-ismoe/queue-timeout-us": str(s.queue_timeout_us)}
+    notes = {
+        "mp-ismoe/repository-sha256": repo.sha256,
+        "mp-ismoe/tasks": ",".join(sorted(repo.tasks)),
+        "mp-ismoe/target": s.target,
+        "mp-ismoe/max-batch-size": str(s.max_batch_size),
+        "mp-ismoe/max-queue-size": str(s.max_queue_size),
+        "mp-ismoe/queue-timeout-us": str(s.queue_timeout_us),
+    }
     if not cfg.service_monitor:
-        notes |= {"prometheus.io/scrape": "true", "prometheus.io/port": str(cfg.public_ports["metrics"]),
-                  "prometheus.io/path": "/metrics"}
+        notes |= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(cfg.public_ports["metrics"]),
+            "prometheus.io/path": "/metrics",
+        }
     return notes
 
 
 def pod_template(cfg: DeployConfig, repo: Repository) -> dict:
     exit_s = server_defaults()["exit_timeout_s"]
-    return {"metadata": {"labels": labels(cfg), "annotations": pod_annotations(cfg, repo)},
-            "spec": {"serviceAccountName": cfg.name, "automountServiceAccountToken": False, "enableServiceLinks": False,
-                     "securityContext": pod_security_context(),
-                     "terminationGracePeriodSeconds": PRE_STOP_S + exit_s + 20,
-                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                     "containers": [triton_container(cfg), guard_container(cfg, repo)],
-                     "volumes": volumes(cfg, repo)}}
+    return {
+        "metadata": {"labels": labels(cfg), "annotations": pod_annotations(cfg, repo)},
+        "spec": {
+            "serviceAccountName": cfg.name,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": pod_security_context(),
+            "terminationGracePeriodSeconds": PRE_STOP_S + exit_s + 20,
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [triton_container(cfg), guard_container(cfg, repo)],
+            "volumes": volumes(cfg, repo),
+        },
+    }

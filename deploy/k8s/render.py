@@ -3,6 +3,7 @@
 OUT/manifests/NN-<kind>.yaml (`kubectl apply -f OUT/manifests/` takes them in name order), OUT/upload-pod.yaml
 (with a pvc: model source) and OUT/prometheus-adapter-values.yaml (the autoscaling metric's rule).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,9 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+_Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def to_yaml(obj: dict) -> str:
@@ -37,17 +40,25 @@ def to_yaml(obj: dict) -> str:
 
 def check_consistent(cfg: DeployConfig, repo: Repository, allow_incomplete: bool = False) -> None:
     """Cross-checks between the cluster's settings and the repository (its ServeConfig and its engines)."""
-    missing = sorted(p.parent.name for p in repo.path.glob("*/NOTE.md"))  # serving/repository.py: a model without engine
+    missing = sorted(
+        p.parent.name for p in repo.path.glob("*/NOTE.md")
+    )  # serving/repository.py: a model without engine
     if missing and not allow_incomplete:
-        raise ConfigError(f"{repo.path}: no TensorRT engine for {', '.join(missing)} (see their NOTE.md); tritonserver "
-                          "would exit on the load error. Build the engines (make export on a TensorRT machine), "
-                          "regenerate, or pass --allow-incomplete to render anyway")
+        raise ConfigError(
+            f"{repo.path}: no TensorRT engine for {', '.join(missing)} (see their NOTE.md); tritonserver "
+            "would exit on the load error. Build the engines (make export on a TensorRT machine), "
+            "regenerate, or pass --allow-incomplete to render anyway"
+        )
     if cfg.target_queue_us >= repo.serve.queue_timeout_us:
-        raise ConfigError(f"deploy.target_queue_us {cfg.target_queue_us} is not below the repository's queue_timeout_us "
-                          f"{repo.serve.queue_timeout_us}: requests are rejected before the target is ever reached")
+        raise ConfigError(
+            f"deploy.target_queue_us {cfg.target_queue_us} is not below the repository's queue_timeout_us "
+            f"{repo.serve.queue_timeout_us}: requests are rejected before the target is ever reached"
+        )
     if shm_mib(repo) > mib(cfg.memory) / 2:
-        raise ConfigError(f"deploy.memory {cfg.memory} leaves too little beside /dev/shm ({shm_mib(repo)} MiB for "
-                          f"{repo.python_instances} python stubs); raise --memory")
+        raise ConfigError(
+            f"deploy.memory {cfg.memory} leaves too little beside /dev/shm ({shm_mib(repo)} MiB for "
+            f"{repo.python_instances} python stubs); raise --memory"
+        )
 
 
 def render(cfg: DeployConfig, repo: Repository, out: str | Path, allow_incomplete: bool = False) -> list[Path]:

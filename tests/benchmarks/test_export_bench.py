@@ -1,4 +1,5 @@
 """benchmarks/export_bench.py: the engines take turns, so a slow spell lands on all of them."""
+
 from benchmarks.export_bench import time_in_rounds
 
 

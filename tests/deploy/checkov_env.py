@@ -3,6 +3,7 @@
 The venv lives under .cache/deploy/checkov-<lock hash>/ and is built once from checkov-lock.txt (PyPI
 only); checkov then runs offline (--skip-download: no guidelines or policies fetched from its vendor).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -31,8 +32,11 @@ def checkov_binary() -> Path:
             return binary
         shutil.rmtree(venv, ignore_errors=True)  # a half-built venv from an interrupted run
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        done = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                               "-r", LOCK], capture_output=True, text=True)
+        done = subprocess.run(
+            [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", LOCK],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise RuntimeError(f"could not install checkov from {LOCK}:\n{done.stderr[-3000:]}")
         (venv / ".complete").touch()
@@ -42,8 +46,12 @@ def checkov_binary() -> Path:
 def run_checkov(path: Path, framework: str) -> dict:
     """checkov's JSON report for a directory (kubernetes) or a file (dockerfile): passed, failed and skipped checks."""
     flag = "-d" if path.is_dir() else "-f"
-    done = subprocess.run([checkov_binary(), flag, path, "--framework", framework, "-o", "json", "--skip-download"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [checkov_binary(), flag, path, "--framework", framework, "-o", "json", "--skip-download"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode not in (0, 1):  # 1: some check failed (the caller asserts on the report)
         raise RuntimeError(f"checkov exited {done.returncode}:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout)

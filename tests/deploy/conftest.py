@@ -1,4 +1,5 @@
 """Fixtures for the deployment tests: generated repositories (gpu and cpu targets) and their renderings."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,17 @@ SERVE = ServeConfig(max_batch_size=16, max_queue_size=64, queue_timeout_us=1_500
 def fake_runs(tmp_path_factory) -> list[Path]:
     """A single-text task and a text-pair task sharing one backbone."""
     root = tmp_path_factory.mktemp("deploy-runs")
-    return [build_fake_export(root / "sentiment", task="sentiment", max_length=32),
-            build_fake_export(root / "nli", task="nli", labels=("entailment", "neutral", "contradiction"),
-                              text_pair=True, max_length=32, adapter_seed=2)]
+    return [
+        build_fake_export(root / "sentiment", task="sentiment", max_length=32),
+        build_fake_export(
+            root / "nli",
+            task="nli",
+            labels=("entailment", "neutral", "contradiction"),
+            text_pair=True,
+            max_length=32,
+            adapter_seed=2,
+        ),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +67,12 @@ def rendered(gpu_repository, tmp_path_factory) -> Path:
 def rendered_s3(gpu_repository, tmp_path_factory) -> Path:
     """Object storage, a digest-pinned image, pod annotations instead of a ServiceMonitor."""
     out = tmp_path_factory.mktemp("rendered-s3")
-    cfg = DeployConfig(model_source="s3://models-bucket/mp-ismoe/v1", service_monitor=False, replicas=2, max_replicas=6,
-                       image="registry.example.com/mp-ismoe-triton@sha256:" + "ab" * 32)
+    cfg = DeployConfig(
+        model_source="s3://models-bucket/mp-ismoe/v1",
+        service_monitor=False,
+        replicas=2,
+        max_replicas=6,
+        image="registry.example.com/mp-ismoe-triton@sha256:" + "ab" * 32,
+    )
     render(cfg, load_repository(gpu_repository), out, allow_incomplete=True)
     return out

@@ -1,5 +1,6 @@
 """deploy/Dockerfile, checked without a Docker engine: BuildKit's parser, its instructions, and that it
 copies and installs exactly what the python-backend models and the sidecar import."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,14 @@ def requirements() -> dict[str, Requirement]:
 def imported_modules() -> set[str]:
     """Third-party and project top-level modules the models and the sidecar import, from a fresh interpreter."""
     models = sorted(str(p) for p in (ROOT / "serving" / "triton_models").glob("*/model.py"))
-    done = subprocess.run([sys.executable, "-c", _PROBE, *models], capture_output=True, text=True, cwd=ROOT,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *models],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return set(json.loads(done.stdout)) - {"cython_runtime", "triton_python_backend_utils"}
 
@@ -89,7 +96,11 @@ def test_requirements_match_pyproject():
 
 
 def test_dockerignore_keeps_what_is_copied():
-    lines = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert lines[0] == "*"
     kept = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = {c.value[0].split("/")[0] for c in instructions() if c.cmd == "COPY"}

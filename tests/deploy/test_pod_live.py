@@ -5,6 +5,7 @@ container's rendered args on the CPU repository, and deploy/sidecar.py with the 
 rendered args. The probes' paths then answer as the manifests expect, the restricted APIs need the
 key, and Triton's metrics carry the series the autoscaling rule reads, per ensemble (task).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,18 +66,41 @@ def pod(cpu_repository, tmp_path_factory):
     triton, guard = objs["manifests/30-deployment.yaml"]["spec"]["template"]["spec"]["containers"]
     ports = {"guard": free_port(), "http": free_port(), "grpc": free_port(), "metrics": free_port()}
     install = find_tritonserver()
-    triton_cmd = [str(install.binary), f"--backend-directory={backend_directory(install)}", *with_flags(
-        [a.replace("$(MPISMOE_ADMIN_KEY)", KEY) for a in triton["args"]],
-        {"--model-repository": cpu_repository, "--http-port": ports["http"], "--grpc-port": ports["grpc"],
-         "--metrics-port": ports["metrics"], "--grpc-address": "127.0.0.1", "--metrics-address": "127.0.0.1"})]
-    guard_cmd = [sys.executable, *guard["command"][1:], "--listen-host=127.0.0.1", *with_flags(
-        guard["args"], {"--listen-port": ports["guard"], "--upstream-port": ports["http"], "--drain-seconds": 0.2})]
+    triton_cmd = [
+        str(install.binary),
+        f"--backend-directory={backend_directory(install)}",
+        *with_flags(
+            [a.replace("$(MPISMOE_ADMIN_KEY)", KEY) for a in triton["args"]],
+            {
+                "--model-repository": cpu_repository,
+                "--http-port": ports["http"],
+                "--grpc-port": ports["grpc"],
+                "--metrics-port": ports["metrics"],
+                "--grpc-address": "127.0.0.1",
+                "--metrics-address": "127.0.0.1",
+            },
+        ),
+    ]
+    guard_cmd = [
+        sys.executable,
+        *guard["command"][1:],
+        "--listen-host=127.0.0.1",
+        *with_flags(
+            guard["args"], {"--listen-port": ports["guard"], "--upstream-port": ports["http"], "--drain-seconds": 0.2}
+        ),
+    ]
     # As in the image: the project on PYTHONPATH (the models put it on sys.path), the stub's python3 first on PATH.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               LD_LIBRARY_PATH=str(install.libs))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        LD_LIBRARY_PATH=str(install.libs),
+    )
     log = open(out / "tritonserver.log", "wb")
-    procs = {"triton": subprocess.Popen(triton_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
-             "guard": subprocess.Popen(guard_cmd, env=env, start_new_session=True)}
+    procs = {
+        "triton": subprocess.Popen(triton_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+        "guard": subprocess.Popen(guard_cmd, env=env, start_new_session=True),
+    }
     try:
         yield ports, procs, objs
     finally:
@@ -91,9 +115,13 @@ def test_probes_inference_and_restrictions(pod):
     ports, procs, objs = pod
     triton = objs["manifests/30-deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
     assert wait_for(ports["guard"], triton["startupProbe"]["httpGet"]["path"], 200, 120)[0] == 200
-    assert wait_for(ports["guard"], triton["readinessProbe"]["httpGet"]["path"], 200, 30)[0] == 200  # the canary answered
+    assert (
+        wait_for(ports["guard"], triton["readinessProbe"]["httpGet"]["path"], 200, 30)[0] == 200
+    )  # the canary answered
     text = {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["a gorgeous, witty film"]}]}
-    status, body = call(ports["guard"], "/v2/models/sentiment/infer", json.dumps(text).encode(), {"Content-Type": "application/json"})
+    status, body = call(
+        ports["guard"], "/v2/models/sentiment/infer", json.dumps(text).encode(), {"Content-Type": "application/json"}
+    )
     assert status == 200 and json.loads(body)["outputs"][1]["data"][0] in ("neg", "pos")
     assert call(ports["guard"], "/v2/repository/index", b"{}")[0] == 403
     status, body = call(ports["guard"], "/v2/repository/index", b"{}", {"mpismoe-admin-key": KEY})

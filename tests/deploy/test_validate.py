@@ -1,4 +1,5 @@
 """Offline validation of the rendered manifests: Kubernetes' own schemas and checkov's security rules."""
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,9 @@ def test_schema_versions_shipped():
 @pytest.mark.parametrize("fixture", ["rendered", "rendered_s3"])
 def test_kubernetes_schemas_strict(fixture, request):
     """Every manifest validates against every shipped Kubernetes version, with unknown fields refused."""
-    objs = {n: o for n, o in objects(request.getfixturevalue(fixture)).items() if (o["apiVersion"], o["kind"]) not in CRDS}
+    objs = {
+        n: o for n, o in objects(request.getfixturevalue(fixture)).items() if (o["apiVersion"], o["kind"]) not in CRDS
+    }
     assert len(objs) >= 7
     for name, obj in objs.items():
         for version in VERSIONS:
@@ -72,25 +75,44 @@ def _skips(report: dict) -> dict[str, set[str]]:
 
 def test_checkov_kubernetes(rendered):
     report = run_checkov(rendered, "kubernetes")
-    assert report["results"]["failed_checks"] == [], [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert report["results"]["failed_checks"] == [], [
+        (c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]
+    ]
     assert report["summary"]["parsing_errors"] == 0 and report["summary"]["passed"] > 150
     skips = _skips(report)
-    assert skips == {"CKV_K8S_35": {"Deployment.mp-ismoe.mp-ismoe"},
-                     "CKV_K8S_40": {"Deployment.mp-ismoe.mp-ismoe", "Pod.mp-ismoe.mp-ismoe-upload"},
-                     DIGEST_SKIP[0]: {"Deployment.mp-ismoe.mp-ismoe", "Pod.mp-ismoe.mp-ismoe-upload"}}
+    assert skips == {
+        "CKV_K8S_35": {"Deployment.mp-ismoe.mp-ismoe"},
+        "CKV_K8S_40": {"Deployment.mp-ismoe.mp-ismoe", "Pod.mp-ismoe.mp-ismoe-upload"},
+        DIGEST_SKIP[0]: {"Deployment.mp-ismoe.mp-ismoe", "Pod.mp-ismoe.mp-ismoe-upload"},
+    }
     reasons = {c["check_id"]: c["check_result"]["suppress_comment"] for c in report["results"]["skipped_checks"]}
     assert reasons == {**CHECKOV_SKIPS, DIGEST_SKIP[0]: DIGEST_SKIP[1]}
     passed = {c["check_id"] for c in report["results"]["passed_checks"]}
     # the rules this deployment is meant to meet: probes, limits, no root, no escalation, read-only root, seccomp
-    assert passed >= {"CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_11", "CKV_K8S_13", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23",
-                      "CKV_K8S_28", "CKV_K8S_31", "CKV_K8S_37", "CKV_K8S_38", "CKV2_K8S_6"}
+    assert passed >= {
+        "CKV_K8S_8",
+        "CKV_K8S_9",
+        "CKV_K8S_11",
+        "CKV_K8S_13",
+        "CKV_K8S_20",
+        "CKV_K8S_22",
+        "CKV_K8S_23",
+        "CKV_K8S_28",
+        "CKV_K8S_31",
+        "CKV_K8S_37",
+        "CKV_K8S_38",
+        "CKV2_K8S_6",
+    }
 
 
 def test_checkov_kubernetes_digest_image(rendered_s3):
     """With an image digest there is nothing left to skip but the two reasoned ones."""
     report = run_checkov(rendered_s3, "kubernetes")
     assert report["results"]["failed_checks"] == []
-    assert _skips(report) == {"CKV_K8S_35": {"Deployment.mp-ismoe.mp-ismoe"}, "CKV_K8S_40": {"Deployment.mp-ismoe.mp-ismoe"}}
+    assert _skips(report) == {
+        "CKV_K8S_35": {"Deployment.mp-ismoe.mp-ismoe"},
+        "CKV_K8S_40": {"Deployment.mp-ismoe.mp-ismoe"},
+    }
     assert "CKV_K8S_43" in {c["check_id"] for c in report["results"]["passed_checks"]}
 
 
@@ -99,4 +121,9 @@ def test_checkov_dockerfile():
     assert report["results"]["failed_checks"] == [], [c["check_id"] for c in report["results"]["failed_checks"]]
     assert report["results"]["skipped_checks"] == []
     passed = {c["check_id"] for c in report["results"]["passed_checks"]}
-    assert passed >= {"CKV_DOCKER_2", "CKV_DOCKER_3", "CKV_DOCKER_7", "CKV_DOCKER_8"}  # healthcheck, user, pinned base, not root
+    assert passed >= {
+        "CKV_DOCKER_2",
+        "CKV_DOCKER_3",
+        "CKV_DOCKER_7",
+        "CKV_DOCKER_8",
+    }  # healthcheck, user, pinned base, not root

@@ -1,12 +1,12 @@
 """The ablation harness end to end: 2 variants x 2 seeds on the tiny model, report with mean and std."""
+
 import json
 
 import pytest
 
 from experiments.ablation import TABLES, VARIANTS, main
-from training.config import load_config
-
 from tests.conftest import tiny_overrides
+from training.config import load_config
 
 
 def test_every_variant_is_a_valid_config_and_every_table_row_a_variant():
@@ -17,19 +17,52 @@ def test_every_variant_is_a_valid_config_and_every_table_row_a_variant():
 
 
 def test_bad_override_fails_before_any_run(tmp_path, capsys):
-    assert main(["--only", "lst", "--set", "quant.bits=3", "--out-dir", str(tmp_path / "runs"),
-                 "--docs", str(tmp_path / "docs")]) == 2
+    assert (
+        main(
+            [
+                "--only",
+                "lst",
+                "--set",
+                "quant.bits=3",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--docs",
+                str(tmp_path / "docs"),
+            ]
+        )
+        == 2
+    )
     assert "quant.bits" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
 def test_harness_two_variants_two_seeds(toy_csv, tmp_path):
-    sets = [a for o in tiny_overrides(toy_csv) + ["train.epochs=1", "train.max_steps=2", "train.threads=1"]
-            for a in ("--set", o)]
+    sets = [
+        a
+        for o in tiny_overrides(toy_csv) + ["train.epochs=1", "train.max_steps=2", "train.threads=1"]
+        for a in ("--set", o)
+    ]
     docs = tmp_path / "docs"
-    rc = main(["--config", "configs/ablation.yaml", "--only", "lst", "mp_ismoe", "--seeds", "0", "1",
-               "--device", "cpu", "--out-dir", str(tmp_path / "runs"), "--docs", str(docs), *sets])
+    rc = main(
+        [
+            "--config",
+            "configs/ablation.yaml",
+            "--only",
+            "lst",
+            "mp_ismoe",
+            "--seeds",
+            "0",
+            "1",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "runs"),
+            "--docs",
+            str(docs),
+            *sets,
+        ]
+    )
     assert rc == 0
     report = json.loads((docs / "ablation.json").read_text())
     assert set(report["variants"]) == {"lst", "mp_ismoe"}

@@ -1,4 +1,5 @@
 """The comparison harness: methods x tasks x paired seeds, the learning rate tuned on validation."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,13 @@ from tests.conftest import tiny_overrides, write_toy_csv
 
 
 def test_method_overrides_state_the_preset_explicitly():
-    assert method_overrides("lora", 5e-4) == ["train.method=lora", "quant.enabled=false", "side.enabled=false",
-                                              "moe.enabled=false", "train.lr=0.0005"]
+    assert method_overrides("lora", 5e-4) == [
+        "train.method=lora",
+        "quant.enabled=false",
+        "side.enabled=false",
+        "moe.enabled=false",
+        "train.lr=0.0005",
+    ]
     assert method_overrides("lst", 1e-3)[1:4] == ["quant.enabled=false", "side.enabled=true", "moe.enabled=false"]
     assert set(LR_GRID) == set(NAMES) and all(len(g) == 3 for g in LR_GRID.values())
 
@@ -28,10 +34,29 @@ def test_failed_run_reports_its_last_line(tmp_path):
 def test_compare_tunes_on_validation_runs_paired_seeds_and_resumes(tmp_path):
     data = write_toy_csv(tmp_path / "toy.csv", n=120)
     sets = [*tiny_overrides(data), "train.epochs=1", "train.max_steps=2", "train.batch_size=32"]
-    cmd = [sys.executable, "-m", "experiments.compare", "--tasks", "rotten_tomatoes", "--methods", "linear_probe",
-           "lst", "mp_ismoe", "--seeds", "0", "1", "--lr", "lst=1e-3", "--lr", "mp_ismoe=1e-3",
-           "--out-dir", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
-           *[a for s in sets for a in ("--set", s)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.compare",
+        "--tasks",
+        "rotten_tomatoes",
+        "--methods",
+        "linear_probe",
+        "lst",
+        "mp_ismoe",
+        "--seeds",
+        "0",
+        "1",
+        "--lr",
+        "lst=1e-3",
+        "--lr",
+        "mp_ismoe=1e-3",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--docs",
+        str(tmp_path / "docs"),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "docs" / "compare.json").read_text())

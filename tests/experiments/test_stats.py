@@ -1,4 +1,5 @@
 """Paired differences over seeds and their 95% t-intervals (experiments/stats.py)."""
+
 import math
 
 import pytest

@@ -4,6 +4,7 @@ Fast tests pin the pieces (route flips, forced routes, the judge); slow tests se
 tiny trained models through the gate: good graphs pass, broken ones (backbone scales x4, an expert
 zeroed, an expert dropped) fail, and five differently seeded models all pass.
 """
+
 import copy
 import json
 import math
@@ -13,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from contracts.parity_report import (AdapterParity, EndToEndParity, ExportReport, ParityGate, ParityResult,
-                                     ReportError, RouteFlip, TensorError)
+from contracts.parity_report import (
+    AdapterParity,
+    EndToEndParity,
+    ExportReport,
+    ParityResult,
+    ReportError,
+    RouteFlip,
+    TensorError,
+)
 from export.onnx_export import export_adapter, export_backbone
 from export.parity import GATES, _judge, check_parity, moe_blocks, route_flips
 from export.pipeline import io_spec_for
@@ -23,8 +31,8 @@ from tests.onnx_fixtures import scale_dequantize_scales
 from training.checkpoint import load_checkpoint, read_examples
 from training.moe import FFNExperts, MoEBlock, forced_routes, routing_margin
 
-
 # ---------------------------------------------------------------- pieces (fast)
+
 
 def test_routing_margin_is_the_log_gap_at_the_k_th_choice():
     g = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [1.0, 1e-10, 1e-13, 0.0]]])  # (1, 3, 4)
@@ -67,11 +75,21 @@ def test_forced_routes_reproduce_the_own_choice_and_follow_another():
 
 
 def _result(**changes) -> ParityResult:
-    r = ParityResult(1, 100, GATES["int8-weight"], {"hidden_states": TensorError(1e-3, 10.0, 1e-6)},
-                     AdapterParity(forced_route_max_abs=1e-6, native_max_abs=8e-3, route_flip_tokens=1,
-                                   route_flip_rows=1),
-                     EndToEndParity(max_abs=8e-3, quantile_abs=5e-5, forced_route_max_abs=6e-5, label_agreement=1.0,
-                                    metric_pytorch=0.8, metric_onnxruntime=0.8))
+    r = ParityResult(
+        1,
+        100,
+        GATES["int8-weight"],
+        {"hidden_states": TensorError(1e-3, 10.0, 1e-6)},
+        AdapterParity(forced_route_max_abs=1e-6, native_max_abs=8e-3, route_flip_tokens=1, route_flip_rows=1),
+        EndToEndParity(
+            max_abs=8e-3,
+            quantile_abs=5e-5,
+            forced_route_max_abs=6e-5,
+            label_agreement=1.0,
+            metric_pytorch=0.8,
+            metric_onnxruntime=0.8,
+        ),
+    )
     for k, v in changes.items():
         obj, attr = (r, k) if "." not in k else (getattr(r, k.split(".")[0]), k.split(".")[1])
         setattr(obj, attr, v)
@@ -99,8 +117,11 @@ def test_the_issue_case_passes_a_flip_at_a_tie_and_each_real_fault_fails():
 
 
 def test_lossy_precisions_are_judged_by_labels_and_accuracy_only():
-    lossy = _result(gate=GATES["w8a8"], backbone={"hidden_states": TensorError(5.0, 10.0, 0.1)},
-                    **{"end_to_end.quantile_abs": 0.3, "end_to_end.forced_route_max_abs": 0.3})
+    lossy = _result(
+        gate=GATES["w8a8"],
+        backbone={"hidden_states": TensorError(5.0, 10.0, 0.1)},
+        **{"end_to_end.quantile_abs": 0.3, "end_to_end.forced_route_max_abs": 0.3},
+    )
     assert _judge(lossy) == []
     assert GATES["w8a8"].adapter_max_abs == GATES["int8-weight"].adapter_max_abs  # the adapter stays fp32-exact
 
@@ -125,6 +146,7 @@ def test_report_round_trips_and_refuses_an_old_format(tmp_path):
 
 # ---------------------------------------------------------------- real exports of tiny trained models (slow)
 
+
 def _export(model, meta, out, adapter_model=None):
     spec = io_spec_for(meta, "int8-weight")
     export_backbone(model, spec.backbone, out / "backbone.onnx")
@@ -133,8 +155,9 @@ def _export(model, meta, out, adapter_model=None):
 
 
 def _gate(model, tokenizer, meta, rows, backbone, adapter):
-    return check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"], backbone, adapter, "int8-weight",
-                        threads=1)
+    return check_parity(
+        model, tokenizer, rows, meta["labels"], meta["max_length"], backbone, adapter, "int8-weight", threads=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +235,9 @@ def test_five_differently_seeded_models_pass_the_gate(tmp_path, toy_csv):
     flips = []
     for seed in range(1, 6):
         run = tmp_path / f"seed{seed}"
-        cfg = load_config(overrides=tiny_overrides(toy_csv) + budget + [f"train.seed={seed}", f"data.split_seed={seed}"])
+        cfg = load_config(
+            overrides=tiny_overrides(toy_csv) + budget + [f"train.seed={seed}", f"data.split_seed={seed}"]
+        )
         Trainer(cfg, run, progress=False).run()
         model, _, meta, tokenizer = load_checkpoint(run / "checkpoint")
         assert len(moe_blocks(model)) == 2

@@ -6,7 +6,7 @@ all experts and its experts made clearly different, so the parity gate itself pr
 exported top-k MoE computes every expert (a graph that dropped one would miss the tolerance).
 Sessions and the export run on one thread: on shared cores, two threads wait on each other.
 """
-import json
+
 import os
 import shutil
 import subprocess
@@ -19,20 +19,25 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from contracts.artifacts import ArtifactError, verify_manifest
+from contracts.parity_report import ExportReport
 from export.io_spec import load_io_spec
 from export.onnx_export import export_backbone
 from export.ort_session import make_session
-from contracts.parity_report import ExportReport
 from export.parity import GATES, check_parity, to_examples
 from export.pipeline import PARITY_FILE, ExportConfig, io_spec_for, run_export, write_backbone
 from export.trt_check import check_tensorrt_compatible
 from tests.training.test_trainer import trained_tiny_run
-from contracts.artifacts import ArtifactError, verify_manifest
-from training.checkpoint import (BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, load_checkpoint, read_examples,
-                                 save_checkpoint)
+from training.checkpoint import (
+    BACKBONE_FILE,
+    CALIBRATION_FILE,
+    HELDOUT_FILE,
+    load_checkpoint,
+    read_examples,
+    save_checkpoint,
+)
 from training.data import make_loader
 from training.model import BackboneInfo
-
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -82,8 +87,18 @@ def exported(tmp_path_factory, toy_csv):
     force_every_expert_(model, heldout_batch(src, tokenizer, meta))
     run = tmp_path_factory.mktemp("export") / "run"
     extra = {n: (src / "checkpoint" / n).read_text() for n in (HELDOUT_FILE, CALIBRATION_FILE)}
-    save_checkpoint(run, model, cfg, BackboneInfo(**meta["backbone"]), tokenizer, meta["labels"], meta["task"],
-                    meta["text_pair"], metrics, extra_files=extra)
+    save_checkpoint(
+        run,
+        model,
+        cfg,
+        BackboneInfo(**meta["backbone"]),
+        tokenizer,
+        meta["labels"],
+        meta["task"],
+        meta["text_pair"],
+        metrics,
+        extra_files=extra,
+    )
     report = run_export(run, ExportConfig(threads=1, compare_fp32_size=False), log=lambda *a: None)
     return run, report, model, meta, tokenizer
 
@@ -124,8 +139,10 @@ def test_exported_adapter_computes_every_expert(exported):
     batch = heldout_batch(run, tokenizer, meta)
     hs, cls, ref, _ = adapter_io(model, batch)
     sess = make_session(run / "onnx" / "adapter.onnx", threads=1)
-    (logits,) = sess.run(None, {"hidden_states": hs.numpy(), "cls_states": cls.numpy(),
-                                "attention_mask": batch["attention_mask"].numpy()})
+    (logits,) = sess.run(
+        None,
+        {"hidden_states": hs.numpy(), "cls_states": cls.numpy(), "attention_mask": batch["attention_mask"].numpy()},
+    )
     np.testing.assert_allclose(logits, ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -148,7 +165,9 @@ def test_parity_json_has_both_accuracy_levels_and_passes(exported):
         assert p.end_to_end.label_agreement >= 0.95 and p.adapter.routes_observable
     assert exact.passed and exact.end_to_end.label_agreement == 1.0
     assert exact.adapter.forced_route_max_abs < 1e-5 and exact.backbone["hidden_states"].max_rel < 1e-5
-    assert exact.end_to_end.metric == "accuracy" and exact.end_to_end.metric_pytorch == exact.end_to_end.metric_onnxruntime
+    assert (
+        exact.end_to_end.metric == "accuracy" and exact.end_to_end.metric_pytorch == exact.end_to_end.metric_onnxruntime
+    )
     assert exact.gate == GATES["int8-weight"] and exact.gate.logits_quantile_max <= 1e-3
     assert exact.adapter.non_tie_flips == 0 and len(exact.worst_rows) == 10
     assert fast.backbone["hidden_states"].max_rel >= exact.backbone["hidden_states"].max_rel  # level 4 is lossier
@@ -168,8 +187,14 @@ def test_onnx_directory_is_a_complete_artifact(exported):
     run, _, _, meta, _ = exported
     onnx_dir = run / "onnx"
     manifest = verify_manifest(onnx_dir, "onnx")
-    for name in ("backbone.onnx", "adapter.onnx", "io_spec.json", PARITY_FILE, HELDOUT_FILE,
-                 "tokenizer/tokenizer.json"):
+    for name in (
+        "backbone.onnx",
+        "adapter.onnx",
+        "io_spec.json",
+        PARITY_FILE,
+        HELDOUT_FILE,
+        "tokenizer/tokenizer.json",
+    ):
         assert name in manifest["files"], name
     assert manifest["precision"] == "int8-weight"
     assert not (run / "onnx-failed-parity.json").exists() and not list(run.glob(".tmp-*"))
@@ -204,8 +229,14 @@ def test_cli_reports_a_corrupt_checkpoint_with_exit_code_2(exported, tmp_path, c
 
 
 def test_python_m_export_help():
-    out = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "export", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr
     for word in ("--run", "--precision", "int8-weight", "w8a8", "fp16", "int4-weight", "parity.json"):
         assert word in out.stdout
@@ -227,17 +258,31 @@ def other_precision(exported, tmp_path_factory):
             write_backbone(model, spec, out, ExportConfig(precision="w8a8"), run / "checkpoint", tokenizer, meta)
         else:
             export_backbone(model, spec.backbone, out / "backbone.onnx", precision)
-        report = check_parity(model, tokenizer, rows, meta["labels"], meta["max_length"], out / "backbone.onnx",
-                              out / "adapter.onnx", precision, accuracy_level=1, threads=1)
+        report = check_parity(
+            model,
+            tokenizer,
+            rows,
+            meta["labels"],
+            meta["max_length"],
+            out / "backbone.onnx",
+            out / "adapter.onnx",
+            precision,
+            accuracy_level=1,
+            threads=1,
+        )
         return out, report
+
     return build
 
 
 def test_fp16_export_runs_in_onnxruntime_cpu(other_precision):
     out, report = other_precision("fp16")
     m = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
-    matrices = [i.data_type for i in m.graph.initializer if len(i.dims) == 2
-                and i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    matrices = [
+        i.data_type
+        for i in m.graph.initializer
+        if len(i.dims) == 2 and i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    ]
     assert matrices and set(matrices) == {onnx.TensorProto.FLOAT16}  # fp16 weights; outputs are cast to fp32
     assert report.rows == 24 and report.passed, report.failures
     assert report.end_to_end.quantile_abs < GATES["fp16"].logits_quantile_max
@@ -267,14 +312,21 @@ def test_w8a8_quantizes_gemm_inputs_only_and_every_gemm_runs_as_int8_in_onnxrunt
     for n in m.graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0] in producer:
             assert producer[n.input[0]].op_type != "MatMul", f"{n.name} quantizes a MatMul output"
-            for dq_out in (d.output[0] for d in m.graph.node if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]):
+            for dq_out in (
+                d.output[0] for d in m.graph.node if d.op_type == "DequantizeLinear" and d.input[0] == n.output[0]
+            ):
                 assert set(readers[dq_out]) == {"MatMul"}, f"{n.name}: non-GEMM readers {readers[dq_out]}"
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out / "backbone.onnx"), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
     inits = {i.name for i in m.graph.initializer}
-    weight_gemms = [n for n in m.graph.node if n.op_type == "MatMul" and producer[n.input[1]].op_type == "DequantizeLinear"
-                    and producer[n.input[1]].input[0] in inits]
+    weight_gemms = [
+        n
+        for n in m.graph.node
+        if n.op_type == "MatMul"
+        and producer[n.input[1]].op_type == "DequantizeLinear"
+        and producer[n.input[1]].input[0] in inits
+    ]
     assert weight_gemms and ops.count("MatMulIntegerToFloat") + ops.count("QLinearMatMul") >= len(weight_gemms)
     assert "MatMul" not in ops, "a quantized GEMM was left in fp32"

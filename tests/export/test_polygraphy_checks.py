@@ -3,13 +3,19 @@
 The reference outputs are exact float64 numpy values (what PyTorch gives for these graphs), saved in
 Polygraphy's own formats under the runner name "pytorch".
 """
+
 import numpy as np
 import pytest
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
 
-from export.polygraphy_checks import (REFERENCE_RUNNER, _tolerance_args, polygraphy_lint, polygraphy_run_onnxrt,
-                                      save_reference_outputs)
+from export.polygraphy_checks import (
+    REFERENCE_RUNNER,
+    _tolerance_args,
+    polygraphy_lint,
+    polygraphy_run_onnxrt,
+    save_reference_outputs,
+)
 from tests import onnx_fixtures as fx
 
 
@@ -80,10 +86,14 @@ def test_lint_passes_on_a_good_model(tmp_path):
     assert report["report"].endswith("good.lint.json")
 
 
-@pytest.mark.parametrize("build,words,node", [
-    (fx.dangling_input, "missing", None),
-    (fx.wrong_input_type, "tensor(int64)", "add_wrong_type"),
-], ids=["dangling-input", "wrong-type"])
+@pytest.mark.parametrize(
+    "build,words,node",
+    [
+        (fx.dangling_input, "missing", None),
+        (fx.wrong_input_type, "tensor(int64)", "add_wrong_type"),
+    ],
+    ids=["dangling-input", "wrong-type"],
+)
 def test_lint_reports_errors_on_broken_models(tmp_path, build, words, node):
     report = polygraphy_lint(fx.save(build(), tmp_path, "broken"), report_path=tmp_path / "lint.json")
     assert not report["passed"] and report["returncode"] != 0

@@ -1,5 +1,6 @@
 """Export forms of the quantized modules: exact symmetric int8 re-expression, int4 blocks, and the
 int8-weight ONNX backbone (TensorRT-valid Q/DQ, a quarter of the fp32 bytes)."""
+
 import copy
 from types import SimpleNamespace
 
@@ -13,8 +14,13 @@ from transformers import BertConfig, BertModel
 from export.io_spec import backbone_io
 from export.onnx_export import export_backbone, onnx_size_bytes
 from export.ort_session import make_session
-from export.qdq import (Int4BlockLinear, Int8GatherEmbedding, SymmetricInt8Linear, convert_for_export_,
-                        symmetric_reexpression)
+from export.qdq import (
+    Int4BlockLinear,
+    Int8GatherEmbedding,
+    SymmetricInt8Linear,
+    convert_for_export_,
+    symmetric_reexpression,
+)
 from export.trt_check import check_tensorrt_compatible
 from training.backbone import BackboneTap
 from training.config import QuantConfig
@@ -90,7 +96,7 @@ def test_int4_block_linear_is_within_int4_error(in_f):
     step = int4.scale.repeat_interleave(32, 0)[:in_f]
     assert ((w4 - w8).abs() <= step / 2 + 1e-6).all()
     for b in range(nb):  # each block's largest weight sits on the grid's end point
-        block = w8[b * 32:(b + 1) * 32]
+        block = w8[b * 32 : (b + 1) * 32]
         torch.testing.assert_close(int4.scale[b], block.abs().amax(0) / 7)
     x = torch.randn(4, in_f)
     with torch.no_grad():
@@ -101,8 +107,14 @@ def test_int4_block_linear_is_within_int4_error(in_f):
 
 def tiny_quantized_bert(hidden=32, layers=2, vocab=1000, bits=8) -> BertModel:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                     intermediate_size=4 * hidden, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        intermediate_size=4 * hidden,
+        max_position_embeddings=512,
+    )
     enc = BertModel(cfg, add_pooling_layer=False).eval()
     quantize_(enc, QuantConfig(bits=bits, keep_fp_reference=False))
     return enc
@@ -112,10 +124,15 @@ def _count(module, cls):
     return sum(isinstance(m, cls) for m in module.modules())
 
 
-@pytest.mark.parametrize("precision, linear_type, tol", [
-    ("int8-weight", SymmetricInt8Linear, 1e-5), ("fp32", nn.Linear, 1e-5), ("fp16", nn.Linear, 1e-5),
-    ("int4-weight", Int4BlockLinear, 0.2),
-])
+@pytest.mark.parametrize(
+    "precision, linear_type, tol",
+    [
+        ("int8-weight", SymmetricInt8Linear, 1e-5),
+        ("fp32", nn.Linear, 1e-5),
+        ("fp16", nn.Linear, 1e-5),
+        ("int4-weight", Int4BlockLinear, 0.2),
+    ],
+)
 def test_convert_for_export_replaces_every_quantized_module(precision, linear_type, tol):
     enc = tiny_quantized_bert()
     n_lin, n_emb = _count(enc, QuantizedLinear), _count(enc, QuantizedEmbedding)
@@ -197,8 +214,9 @@ def test_int8_backbone_matches_pytorch_in_onnxruntime(minilm_exports):
     with torch.no_grad():
         hs, cls = tap(ids, mask, types)
     sess = make_session(paths["int8-weight"], threads=1)
-    o_hs, o_cls = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                  "token_type_ids": types.numpy()})
+    o_hs, o_cls = sess.run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()}
+    )
     assert o_hs.shape == (2, 3, 16, 384) and o_cls.shape == (2, 2, 384)
     np.testing.assert_allclose(o_hs, hs.numpy(), atol=1e-3, rtol=0)
     np.testing.assert_allclose(o_cls, cls.numpy(), atol=1e-3, rtol=0)

@@ -1,4 +1,5 @@
 """TensorRT engines are published next to onnx/ only when the export gate passes (export/pipeline.py)."""
+
 import pytest
 
 from export.pipeline import staged_engines

@@ -4,6 +4,7 @@ build_engine itself needs TensorRT and a GPU; here it is checked only for its cl
 TensorRT, and its wiring against a fake module shaped like the documented API (not evidence that
 the real API matches, which only a TensorRT host can give).
 """
+
 import sys
 import types
 from importlib.util import find_spec
@@ -13,7 +14,6 @@ import pytest
 from export import tensorrt_build as tb
 from export.io_spec import adapter_io, backbone_io
 from tests import onnx_fixtures as fx
-
 
 PROFILE = {"batch": [1, 8, 32], "sequence": [4, 128, 512]}
 
@@ -34,8 +34,9 @@ def test_adapter_sequence_dim_is_not_second():
     assert mask.max == (16, 256)
 
 
-@pytest.mark.parametrize("batch,seq", [((2, 1, 4), (1, 2, 3)), ((1, 5, 4), (1, 2, 3)), ((1, 2, 3), (0, 2, 3)),
-                                       ((1, 2, 3), (4, 3, 5))])
+@pytest.mark.parametrize(
+    "batch,seq", [((2, 1, 4), (1, 2, 3)), ((1, 5, 4), (1, 2, 3)), ((1, 2, 3), (0, 2, 3)), ((1, 2, 3), (4, 3, 5))]
+)
 def test_bad_ranges_raise(batch, seq):
     io = backbone_io(hidden_size=8, num_taps=3, has_token_type_ids=False)
     with pytest.raises(ValueError, match="min <= opt <= max"):
@@ -68,17 +69,23 @@ def test_engine_filename():
         tb.engine_filename("backbone", (9, 0), "ten")
 
 
-@pytest.mark.parametrize("precision,network_flags,builder_flags,strongly_typed", [
-    ("fp32", (), (), False),
-    ("fp16", (), ("FP16",), False),
-    ("int8-weight", (), ("INT8", "FP16"), False),
-    ("w8a8", (), ("INT8", "FP16"), False),
-    ("int4-weight", ("STRONGLY_TYPED",), (), True),
-])
+@pytest.mark.parametrize(
+    "precision,network_flags,builder_flags,strongly_typed",
+    [
+        ("fp32", (), (), False),
+        ("fp16", (), ("FP16",), False),
+        ("int8-weight", (), ("INT8", "FP16"), False),
+        ("w8a8", (), ("INT8", "FP16"), False),
+        ("int4-weight", ("STRONGLY_TYPED",), (), True),
+    ],
+)
 def test_builder_plan_trt10(precision, network_flags, builder_flags, strongly_typed):
     plan = tb.builder_plan(10, precision)
     assert (plan["network_flags"], plan["builder_flags"], plan["strongly_typed"]) == (
-        network_flags, builder_flags, strongly_typed)
+        network_flags,
+        builder_flags,
+        strongly_typed,
+    )
     assert plan["calibrator"] is None
 
 
@@ -120,6 +127,7 @@ def test_build_engine_without_tensorrt_raises_clearly(tmp_path, monkeypatch, mod
 
 # ---------------------------------------------------------------- wiring, against a fake tensorrt
 
+
 class _Flags:
     def __init__(self, *names):
         for i, n in enumerate(names):
@@ -144,8 +152,13 @@ def _fake_tensorrt(version="10.8.0.43", parse_ok=True, calls=None):
             return parse_ok
 
         def get_error(self, i):
-            return types.SimpleNamespace(node_name=lambda: "matmul_integer", node_operator=lambda: "MatMulInteger",
-                                         node=lambda: 1, desc=lambda: "No importer registered", code=lambda: 8)
+            return types.SimpleNamespace(
+                node_name=lambda: "matmul_integer",
+                node_operator=lambda: "MatMulInteger",
+                node=lambda: 1,
+                desc=lambda: "No importer registered",
+                code=lambda: 8,
+            )
 
     class Config:
         def set_memory_pool_limit(self, pool, size):
@@ -195,9 +208,14 @@ def _fake_tensorrt(version="10.8.0.43", parse_ok=True, calls=None):
             return b"engine-bytes"
 
     return types.SimpleNamespace(
-        __version__=version, Builder=Builder, OnnxParser=Parser, Logger=Logger,
-        NetworkDefinitionCreationFlag=_Flags("STRONGLY_TYPED"), BuilderFlag=_Flags("FP16", "INT8"),
-        MemoryPoolType=_Flags("WORKSPACE")), calls
+        __version__=version,
+        Builder=Builder,
+        OnnxParser=Parser,
+        Logger=Logger,
+        NetworkDefinitionCreationFlag=_Flags("STRONGLY_TYPED"),
+        BuilderFlag=_Flags("FP16", "INT8"),
+        MemoryPoolType=_Flags("WORKSPACE"),
+    ), calls
 
 
 def test_build_engine_wiring_with_fake_tensorrt(tmp_path, monkeypatch):

@@ -1,22 +1,32 @@
 """export/trt_check.py: the static TensorRT-compatibility check on tiny hand-built graphs."""
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.trt_check import (TENSORRT_ONNX_OPS, Finding, TensorRTCompatibilityError, assert_tensorrt_compatible,
-                              check_tensorrt_compatible)
+from export.trt_check import (
+    TENSORRT_ONNX_OPS,
+    Finding,
+    TensorRTCompatibilityError,
+    assert_tensorrt_compatible,
+    check_tensorrt_compatible,
+)
 from tests import onnx_fixtures as fx
 
 
-@pytest.mark.parametrize("build", [
-    fx.int8_linear,
-    lambda: fx.int8_linear(activations=True),
-    lambda: fx.int8_matmul_fusable()[0],
-    fx.int4_block_linear,
-    lambda: fx.constant_node_zero_point(0),
-    lambda: fx.relu_model(9),
-    lambda: fx.relu_model(25),
-], ids=["int8-dq-axis0", "w8a8", "int8-dq-axis1", "int4-block", "constant-node-zero", "opset9", "opset25"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        fx.int8_linear,
+        lambda: fx.int8_linear(activations=True),
+        lambda: fx.int8_matmul_fusable()[0],
+        fx.int4_block_linear,
+        lambda: fx.constant_node_zero_point(0),
+        lambda: fx.relu_model(9),
+        lambda: fx.relu_model(25),
+    ],
+    ids=["int8-dq-axis0", "w8a8", "int8-dq-axis1", "int4-block", "constant-node-zero", "opset9", "opset25"],
+)
 def test_accepts_good_graphs(build):
     model = build()
     assert check_tensorrt_compatible(model) == []
@@ -75,10 +85,20 @@ def test_reads_a_path_and_honours_the_opset_range(tmp_path):
 
 def _local_function_model(body_op: str):
     """A node calling a model-local function (TensorRT inlines these) whose body holds `body_op`."""
-    fn = helper.make_function("local.fns", "Act", ["a"], ["b"], [helper.make_node(body_op, ["a"], ["b"], name="inner")],
-                              [helper.make_opsetid("", fx.OPSET)])
-    model = fx.make_model([helper.make_node("Act", ["x"], ["y"], name="act", domain="local.fns")],
-                          [fx._x()], [fx._y(fx.K)], extra_opsets=[("local.fns", 1)])
+    fn = helper.make_function(
+        "local.fns",
+        "Act",
+        ["a"],
+        ["b"],
+        [helper.make_node(body_op, ["a"], ["b"], name="inner")],
+        [helper.make_opsetid("", fx.OPSET)],
+    )
+    model = fx.make_model(
+        [helper.make_node("Act", ["x"], ["y"], name="act", domain="local.fns")],
+        [fx._x()],
+        [fx._y(fx.K)],
+        extra_opsets=[("local.fns", 1)],
+    )
     model.functions.append(fn)
     return model
 
@@ -90,9 +110,32 @@ def test_checks_local_function_bodies_not_the_call():
 
 
 def test_op_list_covers_the_transformer_ops_and_lacks_ort_quant_ops():
-    needed = {"MatMul", "Gemm", "Add", "Mul", "Softmax", "LayerNormalization", "Erf", "Gelu", "Tanh", "Gather",
-              "Reshape", "Transpose", "Where", "TopK", "GatherElements", "ReduceSum", "QuantizeLinear",
-              "DequantizeLinear", "Cast", "Concat", "Slice", "Unsqueeze", "If", "Loop"}
+    needed = {
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Mul",
+        "Softmax",
+        "LayerNormalization",
+        "Erf",
+        "Gelu",
+        "Tanh",
+        "Gather",
+        "Reshape",
+        "Transpose",
+        "Where",
+        "TopK",
+        "GatherElements",
+        "ReduceSum",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Cast",
+        "Concat",
+        "Slice",
+        "Unsqueeze",
+        "If",
+        "Loop",
+    }
     assert needed <= TENSORRT_ONNX_OPS
     assert not {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "MatMulNBits"} & TENSORRT_ONNX_OPS
 
@@ -100,7 +143,11 @@ def test_op_list_covers_the_transformer_ops_and_lacks_ort_quant_ops():
 def test_uint8_graph_input_to_dequantize_is_flagged():
     nodes = [helper.make_node("DequantizeLinear", ["codes", "s"], ["y"], name="dq_in", axis=0)]
     codes = helper.make_tensor_value_info("codes", TensorProto.UINT8, [4])
-    model = fx.make_model(nodes, [codes], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                          [numpy_helper.from_array(np.float32(0.1), "s")])
+    model = fx.make_model(
+        nodes,
+        [codes],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.float32(0.1), "s")],
+    )
     (finding,) = check_tensorrt_compatible(model)
     assert finding.node == "dq_in" and "input is uint8" in finding.problem

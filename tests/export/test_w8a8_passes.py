@@ -1,4 +1,5 @@
 """The two graph passes around ONNX Runtime's w8a8 quantizer, on hand-built graphs run in ONNX Runtime."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,14 +19,20 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
 def _siblings() -> onnx.ModelProto:
     """x feeds three MatMuls (widths 8, 8, 24), a Relu, and one MatMul on another input width."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((K, n)).astype(np.float32), f"w{i}")
-             for i, n in enumerate((8, 8, 24))]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((K, n)).astype(np.float32), f"w{i}")
+        for i, n in enumerate((8, 8, 24))
+    ]
     inits.append(numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w_next"))
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(3)]
-    nodes += [helper.make_node("Relu", ["x"], ["r"], name="relu"),
-              helper.make_node("MatMul", ["y0", "w_next"], ["z"], name="mm_next")]
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", w])
-            for n, w in (("y0", 8), ("y1", 8), ("y2", 24), ("r", K), ("z", 4))]
+    nodes += [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["y0", "w_next"], ["z"], name="mm_next"),
+    ]
+    outs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", w])
+        for n, w in (("y0", 8), ("y1", 8), ("y2", 24), ("r", K), ("z", 4))
+    ]
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])], outs, inits)
 
 
@@ -45,16 +52,26 @@ def test_sibling_matmuls_become_one_matmul_and_split_with_equal_outputs():
 def _quantized_residual() -> onnx.ModelProto:
     """x -> Q -> DQ feeding both a GEMM and a residual Add, as ONNX Runtime's quantizer leaves it."""
     w = np.random.default_rng(2).integers(-127, 128, (K, K)).astype(np.int8)
-    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(np.int8(0), "x_zp"),
-             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(K, 0.01, np.float32), "w_s"),
-             numpy_helper.from_array(np.zeros(K, np.int8), "w_zp")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"], name="q_x"),
-             helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"], name="dq_x"),
-             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=1),
-             helper.make_node("MatMul", ["x_dq", "w"], ["h"], name="gemm"),
-             helper.make_node("Add", ["h", "x_dq"], ["y"], name="residual")]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", K])], inits)
+    inits = [
+        numpy_helper.from_array(np.float32(0.05), "x_s"),
+        numpy_helper.from_array(np.int8(0), "x_zp"),
+        numpy_helper.from_array(w, "w_q"),
+        numpy_helper.from_array(np.full(K, 0.01, np.float32), "w_s"),
+        numpy_helper.from_array(np.zeros(K, np.int8), "w_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["x_q"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_zp"], ["x_dq"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="dq_w", axis=1),
+        helper.make_node("MatMul", ["x_dq", "w"], ["h"], name="gemm"),
+        helper.make_node("Add", ["h", "x_dq"], ["y"], name="residual"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", K])],
+        inits,
+    )
 
 
 def test_residual_reads_the_float_tensor_and_the_gemm_keeps_its_qdq():

@@ -9,12 +9,12 @@ legitimate-looking re-export must then fail, naming the metrics.
 Regenerate the committed baseline (deliberately, after a change that is meant to move the figures):
     REGRESS_UPDATE_BASELINE=1 python -m pytest tests/regress/test_regress.py -k committed
 """
+
 import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from export.parity import GATES
@@ -37,25 +37,28 @@ FAST = ["--threads", "1"]  # one thread: on a loaded 2-core machine two OpenMP t
 TOL = resolve_tolerances("int8-weight", None, None)
 
 
-@pytest.mark.parametrize("metric, baseline, current, status", [
-    ("accuracy.onnxruntime", 0.90, 0.896, "PASS"),  # 0.4 point drop < 0.5
-    ("accuracy.onnxruntime", 0.90, 0.894, "FAIL"),  # 0.6 point drop
-    ("accuracy.onnxruntime", 0.90, 0.99, "PASS"),  # better is fine
-    ("agreement.onnxruntime", 1.0, 0.99, "FAIL"),  # below the int8-weight gate 0.995
-    ("agreement.onnxruntime", None, 1.0, "PASS"),  # absolute: checked without a baseline
-    ("parity.logits_p99_abs", 1e-6, 2e-6, "PASS"),  # doubled noise is still noise
-    ("parity.logits_p99_abs", 1e-6, 2e-3, "FAIL"),
-    ("parity.logits_max_abs", 1e-6, 8e-3, "INFO"),  # one route flip at a near-tie: reported, not gated
-    ("parity.export_forced_route_max_abs", 1e-6, 2e-3, "FAIL"),
-    ("size.backbone_bytes", 1000, 1049, "PASS"),
-    ("size.backbone_bytes", 1000, 1051, "FAIL"),
-    ("latency.ort_over_pytorch_p50", 0.5, 0.62, "PASS"),  # +24%
-    ("latency.ort_over_pytorch_p50", 0.5, 0.63, "FAIL"),  # +26%
-    ("data.heldout_rows", 24, 23, "FAIL"),
-    ("accuracy.served", 0.9, None, "NOT RUN"),
-    ("accuracy.served", None, 0.9, "NEW"),
-    ("something.else", 1.0, 2.0, "INFO"),
-])
+@pytest.mark.parametrize(
+    "metric, baseline, current, status",
+    [
+        ("accuracy.onnxruntime", 0.90, 0.896, "PASS"),  # 0.4 point drop < 0.5
+        ("accuracy.onnxruntime", 0.90, 0.894, "FAIL"),  # 0.6 point drop
+        ("accuracy.onnxruntime", 0.90, 0.99, "PASS"),  # better is fine
+        ("agreement.onnxruntime", 1.0, 0.99, "FAIL"),  # below the int8-weight gate 0.995
+        ("agreement.onnxruntime", None, 1.0, "PASS"),  # absolute: checked without a baseline
+        ("parity.logits_p99_abs", 1e-6, 2e-6, "PASS"),  # doubled noise is still noise
+        ("parity.logits_p99_abs", 1e-6, 2e-3, "FAIL"),
+        ("parity.logits_max_abs", 1e-6, 8e-3, "INFO"),  # one route flip at a near-tie: reported, not gated
+        ("parity.export_forced_route_max_abs", 1e-6, 2e-3, "FAIL"),
+        ("size.backbone_bytes", 1000, 1049, "PASS"),
+        ("size.backbone_bytes", 1000, 1051, "FAIL"),
+        ("latency.ort_over_pytorch_p50", 0.5, 0.62, "PASS"),  # +24%
+        ("latency.ort_over_pytorch_p50", 0.5, 0.63, "FAIL"),  # +26%
+        ("data.heldout_rows", 24, 23, "FAIL"),
+        ("accuracy.served", 0.9, None, "NOT RUN"),
+        ("accuracy.served", None, 0.9, "NEW"),
+        ("something.else", 1.0, 2.0, "INFO"),
+    ],
+)
 def test_rules(metric, baseline, current, status):
     assert check(metric, baseline, current, TOL).status == status
 
@@ -76,12 +79,17 @@ def test_tolerances_come_from_defaults_then_baseline_then_cli():
 
 
 def test_table_names_every_failing_metric():
-    rows = compare({"accuracy.served": 0.9, "size.adapter_bytes": 100.0},
-                   {"accuracy.served": 0.8, "size.adapter_bytes": 100.0, "agreement.served": 0.9}, TOL)
+    rows = compare(
+        {"accuracy.served": 0.9, "size.adapter_bytes": 100.0},
+        {"accuracy.served": 0.8, "size.adapter_bytes": 100.0, "agreement.served": 0.9},
+        TOL,
+    )
     table = format_table(rows)
     assert "2 of 3 checks FAILED: accuracy.served, agreement.served" in table
     line = next(ln for ln in table.splitlines() if ln.startswith("accuracy.served"))
-    assert "0.9000" in line and "0.8000" in line and "-10.00 pt" in line and ">= 0.8950" in line and line.endswith("FAIL")
+    assert (
+        "0.9000" in line and "0.8000" in line and "-10.00 pt" in line and ">= 0.8950" in line and line.endswith("FAIL")
+    )
     assert all(r.metric in RULES for r in rows) and isinstance(RULES["size.adapter_bytes"], Rule)
 
 
@@ -112,14 +120,32 @@ def test_bench_report_states_absent_inputs_and_draws_what_exists(tmp_path):
     assert run_all.main(["--render-only", "--docs", str(docs)]) == 0
     text = (docs / "BENCHMARKS.md").read_text()
     assert text.count("Not measured in this run") == 6 and not list(docs.glob("*.png"))
-    metrics = {"test_accuracy": 0.8, "peak_memory_gib": 1.5, "peak_memory_kind": "cpu_peak_rss",
-               "trainable_parameters": 1000, "step_time_s_median": 0.1}
-    (docs / "compare.json").write_text(json.dumps({
-        "command": "python -m training.compare", "budget": {"backbone": "tiny", "dataset": "toy.csv", "sizes": "train 192",
-                                                            "epochs": 1, "max_steps": None},
-        "machine": {"cpu": "cpu", "cpu_count": 2, "date": "2026-01-01 00:00 UTC", "torch": "2.13.0"},
-        "results": [{"method": "mp_ismoe", "status": "ok", "metrics": metrics},
-                    {"method": "lora", "status": "failed", "error": "boom"}]}))
+    metrics = {
+        "test_accuracy": 0.8,
+        "peak_memory_gib": 1.5,
+        "peak_memory_kind": "cpu_peak_rss",
+        "trainable_parameters": 1000,
+        "step_time_s_median": 0.1,
+    }
+    (docs / "compare.json").write_text(
+        json.dumps(
+            {
+                "command": "python -m training.compare",
+                "budget": {
+                    "backbone": "tiny",
+                    "dataset": "toy.csv",
+                    "sizes": "train 192",
+                    "epochs": 1,
+                    "max_steps": None,
+                },
+                "machine": {"cpu": "cpu", "cpu_count": 2, "date": "2026-01-01 00:00 UTC", "torch": "2.13.0"},
+                "results": [
+                    {"method": "mp_ismoe", "status": "ok", "metrics": metrics},
+                    {"method": "lora", "status": "failed", "error": "boom"},
+                ],
+            }
+        )
+    )
     assert run_all.main(["--render-only", "--docs", str(docs)]) == 0
     text = (docs / "BENCHMARKS.md").read_text()
     assert text.count("Not measured in this run") == 5 and "| lora | FAILED |" in text
@@ -127,6 +153,7 @@ def test_bench_report_states_absent_inputs_and_draws_what_exists(tmp_path):
 
 
 # ---------------------------------------------------------------- the fixed case (slow)
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, toy_csv):
@@ -137,8 +164,9 @@ def tiny_run(tmp_path_factory, toy_csv):
 
     run = tmp_path_factory.mktemp("regress") / "run"
     Trainer(load_config(overrides=tiny_overrides(toy_csv) + BUDGET), run, progress=False).run()
-    run_export(run, ExportConfig(compare_fp32_size=False, tensorrt="off", threads=2, polygraphy_batches=1),
-               log=lambda *_: None)
+    run_export(
+        run, ExportConfig(compare_fp32_size=False, tensorrt="off", threads=2, polygraphy_batches=1), log=lambda *_: None
+    )
     return run
 
 
@@ -175,18 +203,52 @@ def _status(report: dict) -> dict:
 def test_committed_baseline_reproduces_through_tritonserver(tiny_run, capsys):
     """Accuracy, agreement and parity of a fresh train + export + serve match the committed figures."""
     if os.environ.get("REGRESS_UPDATE_BASELINE"):
-        assert main(["--run", str(tiny_run), "--baseline", str(COMMITTED), "--serve", "--update",
-                     "--tolerances", *COMMITTED_TOLERANCES, *FAST]) == 0
-    code = main(["--run", str(tiny_run), "--baseline", str(COMMITTED), "--serve", "--latency",
-                 "--latency-requests", "20", *FAST])
+        assert (
+            main(
+                [
+                    "--run",
+                    str(tiny_run),
+                    "--baseline",
+                    str(COMMITTED),
+                    "--serve",
+                    "--update",
+                    "--tolerances",
+                    *COMMITTED_TOLERANCES,
+                    *FAST,
+                ]
+            )
+            == 0
+        )
+    code = main(
+        [
+            "--run",
+            str(tiny_run),
+            "--baseline",
+            str(COMMITTED),
+            "--serve",
+            "--latency",
+            "--latency-requests",
+            "20",
+            *FAST,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     report, status = _report(tiny_run), _status(_report(tiny_run))
     m = report["metrics"]
     assert report["tolerances"]["accuracy"] == 0.09  # stated in the committed baseline
-    for name in ("accuracy.checkpoint", "accuracy.pytorch", "accuracy.onnxruntime", "accuracy.served",
-                 "agreement.onnxruntime", "agreement.served", "parity.logits_p99_abs",
-                 "parity.served_probabilities_max_abs", "size.backbone_bytes", "data.heldout_rows"):
+    for name in (
+        "accuracy.checkpoint",
+        "accuracy.pytorch",
+        "accuracy.onnxruntime",
+        "accuracy.served",
+        "agreement.onnxruntime",
+        "agreement.served",
+        "parity.logits_p99_abs",
+        "parity.served_probabilities_max_abs",
+        "size.backbone_bytes",
+        "data.heldout_rows",
+    ):
         assert status[name] == "PASS", (name, out)
     assert m["accuracy.served"] == m["accuracy.onnxruntime"] and m["agreement.served"] == 1.0
     assert m["accuracy.pytorch"] == pytest.approx(m["accuracy.checkpoint"])  # the checkpoint holds what was measured

@@ -1,4 +1,5 @@
 """Fixtures for the serving tests: fake exports (shared and separate backbones) and a served repository."""
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,18 @@ def fake_runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     return {
         "sentiment": build_fake_export(root / "sentiment", task="sentiment", max_length=MAX_LENGTH),
-        "nli": build_fake_export(root / "nli", task="nli", labels=NLI_LABELS, text_pair=True,
-                                 max_length=MAX_LENGTH, adapter_seed=2),
-        "topic": build_fake_export(root / "topic", task="topic", labels=("business", "sport", "tech"),
-                                   max_length=MAX_LENGTH, backbone_seed=7, adapter_seed=3, external_data=False),
+        "nli": build_fake_export(
+            root / "nli", task="nli", labels=NLI_LABELS, text_pair=True, max_length=MAX_LENGTH, adapter_seed=2
+        ),
+        "topic": build_fake_export(
+            root / "topic",
+            task="topic",
+            labels=("business", "sport", "tech"),
+            max_length=MAX_LENGTH,
+            backbone_seed=7,
+            adapter_seed=3,
+            external_data=False,
+        ),
     }
 
 

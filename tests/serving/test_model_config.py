@@ -1,4 +1,5 @@
 """Generated configs carry exactly the I/O spec's names, dtypes and shapes."""
+
 import json
 
 from google.protobuf import text_format
@@ -11,13 +12,17 @@ from serving.contract import LABEL, PROBABILITIES, TEXT, TEXT_PAIR
 
 
 def _io(config):
-    return ({t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input},
-            {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output})
+    return (
+        {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input},
+        {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output},
+    )
 
 
 def _spec_io(model_io):
-    return ({t.name: (t.triton_dtype, list(t.shape[1:])) for t in model_io.inputs},
-            {t.name: (t.triton_dtype, list(t.shape[1:])) for t in model_io.outputs})
+    return (
+        {t.name: (t.triton_dtype, list(t.shape[1:])) for t in model_io.inputs},
+        {t.name: (t.triton_dtype, list(t.shape[1:])) for t in model_io.outputs},
+    )
 
 
 def test_backbone_and_adapter_follow_io_spec(fake_runs):
@@ -45,8 +50,12 @@ def test_tokenizer_postprocess_and_ensemble(fake_runs):
     assert json.loads(post.parameters["labels"].string_value) == list(spec.labels)
     assert _io(post)[1] == {LABEL: ("TYPE_STRING", [1]), PROBABILITIES: ("TYPE_FP32", [len(spec.labels)])}
     ens = mcfg.ensemble_config(spec, cfg, "tokenizer", "backbone", "adapter_nli", "postprocess_nli")
-    assert ens.platform == "ensemble" and [s.model_name for s in ens.ensemble_scheduling.step] == \
-        ["tokenizer", "backbone", "adapter_nli", "postprocess_nli"]
+    assert ens.platform == "ensemble" and [s.model_name for s in ens.ensemble_scheduling.step] == [
+        "tokenizer",
+        "backbone",
+        "adapter_nli",
+        "postprocess_nli",
+    ]
 
 
 def test_warmup_file_is_a_serialized_string(fake_runs):
@@ -57,12 +66,16 @@ def test_warmup_file_is_a_serialized_string(fake_runs):
 
 def test_tensorrt_config(fake_runs):
     spec = load_io_spec(fake_runs["sentiment"] / "onnx")
-    config = mcfg.tensorrt_config("backbone", spec.backbone, ServeConfig(target="gpu"), 1, {"9.0": "backbone_sm90.plan"})
+    config = mcfg.tensorrt_config(
+        "backbone", spec.backbone, ServeConfig(target="gpu"), 1, {"9.0": "backbone_sm90.plan"}
+    )
     assert config.platform == "tensorrt_plan" and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert config.cc_model_filenames["9.0"] == "backbone_sm90.plan" and not config.backend
 
 
 def test_text_round_trip(fake_runs):
     spec = load_io_spec(fake_runs["sentiment"] / "onnx")
-    config = mcfg.ensemble_config(spec, ServeConfig(), "tokenizer", "backbone", "adapter_sentiment", "postprocess_sentiment")
+    config = mcfg.ensemble_config(
+        spec, ServeConfig(), "tokenizer", "backbone", "adapter_sentiment", "postprocess_sentiment"
+    )
     assert text_format.Parse(mcfg.to_text(config), mc.ModelConfig()) == config

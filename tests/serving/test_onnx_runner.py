@@ -1,4 +1,5 @@
 """Merging requests of different lengths gives each request what it would get alone."""
+
 import numpy as np
 import pytest
 
@@ -26,30 +27,39 @@ def test_sequence_axes(parts):
 
 def test_merged_run_equals_separate_runs(parts):
     spec, backbone, adapter, tok = parts
-    feeds = [tok(["short"]), tok(["a much longer request with many more tokens", "and a second row"]), tok(["mid length text"])]
+    feeds = [
+        tok(["short"]),
+        tok(["a much longer request with many more tokens", "and a second row"]),
+        tok(["mid length text"]),
+    ]
     for f in feeds:
         backbone.check(f)
     alone = [backbone.run([f])[0] for f in feeds]
     merged = backbone.run(feeds)
-    for a, m, f in zip(alone, merged, feeds):
+    for a, m in zip(alone, merged):
         assert m["hidden_states"].shape == a["hidden_states"].shape  # cut back to the request's (B, K, T, D)
         for name in a:
             np.testing.assert_allclose(m[name], a[name], atol=1e-6)
-    adapter_feeds = [{"hidden_states": s["hidden_states"], "cls_states": s["cls_states"],
-                      "attention_mask": f["attention_mask"]} for s, f in zip(alone, feeds)]
+    adapter_feeds = [
+        {"hidden_states": s["hidden_states"], "cls_states": s["cls_states"], "attention_mask": f["attention_mask"]}
+        for s, f in zip(alone, feeds)
+    ]
     logits_alone = [adapter.run([f])[0]["logits"] for f in adapter_feeds]
     logits_merged = [r["logits"] for r in adapter.run(adapter_feeds)]
     for a, m in zip(logits_alone, logits_merged):
         np.testing.assert_allclose(m, a, atol=1e-5)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "must be int64"),
-    (lambda f: f.update(input_ids=f["input_ids"][0]), "must have shape"),
-    (lambda f: f.update(attention_mask=f["attention_mask"][:, :-1]), "sequence length"),
-    (lambda f: f.update(attention_mask=np.concatenate([f["attention_mask"]] * 2)), "batch size"),
-    (lambda f: f.pop("token_type_ids"), "token_type_ids is missing"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "must be int64"),
+        (lambda f: f.update(input_ids=f["input_ids"][0]), "must have shape"),
+        (lambda f: f.update(attention_mask=f["attention_mask"][:, :-1]), "sequence length"),
+        (lambda f: f.update(attention_mask=np.concatenate([f["attention_mask"]] * 2)), "batch size"),
+        (lambda f: f.pop("token_type_ids"), "token_type_ids is missing"),
+    ],
+)
 def test_check_refuses_malformed_feeds(parts, mutate, message):
     _, backbone, _, tok = parts
     feed = tok(["some text here"])

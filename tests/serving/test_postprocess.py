@@ -23,8 +23,9 @@ def test_predictions_map_every_label():
     assert p.label == "b" and set(p.probabilities) == {"a", "b", "c"}
 
 
-@pytest.mark.parametrize("logits", [np.zeros((2, 3), np.float32), np.zeros((2,), np.float32),
-                                    np.array([[np.nan, 0.0]], np.float32)])
+@pytest.mark.parametrize(
+    "logits", [np.zeros((2, 3), np.float32), np.zeros((2,), np.float32), np.array([[np.nan, 0.0]], np.float32)]
+)
 def test_bad_logits_are_input_errors(logits):
     with pytest.raises(InputError):
         LabelDecoder(["neg", "pos"])(logits)

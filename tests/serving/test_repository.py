@@ -1,13 +1,14 @@
 """Repository generation: shared vs separate backbone, README kept, refusals, the gpu target."""
+
 import json
 import shutil
 
 import pytest
 
+from contracts.artifacts import ArtifactError, write_manifest
 from serving.config import ServeConfig
 from serving.errors import RepositoryError
 from serving.repository import SUMMARY_FILE, generate_repository
-from contracts.artifacts import ArtifactError, write_manifest
 from tests.serving.fake_export import build_fake_export
 
 
@@ -18,8 +19,17 @@ def _models(root):
 def test_same_backbone_is_shared(fake_runs, tmp_path):
     plan = generate_repository([fake_runs["sentiment"], fake_runs["nli"]], tmp_path / "r")
     assert plan.shared_backbone and not any(n.startswith("one backbone") for n in plan.notes)
-    assert _models(tmp_path / "r") == ["adapter_nli", "adapter_sentiment", "backbone", "nli", "postprocess_nli",
-                                       "postprocess_sentiment", "sentiment", "tokenizer_nli", "tokenizer_sentiment"]
+    assert _models(tmp_path / "r") == [
+        "adapter_nli",
+        "adapter_sentiment",
+        "backbone",
+        "nli",
+        "postprocess_nli",
+        "postprocess_sentiment",
+        "sentiment",
+        "tokenizer_nli",
+        "tokenizer_sentiment",
+    ]
     files = sorted(p.name for p in (tmp_path / "r" / "backbone" / "1").iterdir())
     assert files == ["backbone.onnx", "backbone.onnx.data", "model.py"]  # graph + its external data
 
@@ -37,7 +47,13 @@ def test_different_backbones_get_one_each(fake_runs, tmp_path, caplog):
 def test_one_task_uses_the_plain_names(fake_runs, tmp_path):
     plan = generate_repository([fake_runs["sentiment"]], tmp_path / "r")
     assert plan.shared_backbone and plan.shared_tokenizer
-    assert _models(tmp_path / "r") == ["adapter_sentiment", "backbone", "postprocess_sentiment", "sentiment", "tokenizer"]
+    assert _models(tmp_path / "r") == [
+        "adapter_sentiment",
+        "backbone",
+        "postprocess_sentiment",
+        "sentiment",
+        "tokenizer",
+    ]
 
 
 def test_readme_is_kept_and_stale_models_removed(fake_runs, tmp_path):
@@ -61,7 +77,9 @@ def test_a_directory_with_files_it_did_not_write_is_refused_and_nothing_deleted(
     target = root / planted.rstrip("/")
     target.mkdir() if planted.endswith("/") else target.write_bytes(b"precious")
     before = _tree(root)
-    with pytest.raises(RepositoryError, match=f"refusing to generate into {root}: it holds {planted}.*Nothing was deleted"):
+    with pytest.raises(
+        RepositoryError, match=f"refusing to generate into {root}: it holds {planted}.*Nothing was deleted"
+    ):
         generate_repository([fake_runs["nli"]], root)
     assert _tree(root) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -151,17 +169,28 @@ def test_gpu_target_without_engines_writes_a_note(fake_runs, tmp_path):
 def test_gpu_target_uses_engines_per_compute_capability(fake_runs, tmp_path):
     run = shutil.copytree(fake_runs["sentiment"], tmp_path / "run")
     (run / "engines").mkdir()
-    for name in ("backbone.sm80.trt10.8.plan", "backbone.sm90.trt10.7.plan", "backbone.sm90.trt10.8.plan",
-                 "backbone.sm100.trt11.0.plan", "adapter.plan", "unrelated.plan"):
+    for name in (
+        "backbone.sm80.trt10.8.plan",
+        "backbone.sm90.trt10.7.plan",
+        "backbone.sm90.trt10.8.plan",
+        "backbone.sm100.trt11.0.plan",
+        "adapter.plan",
+        "unrelated.plan",
+    ):
         (run / "engines" / name).write_bytes(b"plan")
     plan = generate_repository([run], tmp_path / "r", ServeConfig(target="gpu"))
     backbone = tmp_path / "r" / "backbone"
-    assert sorted(p.name for p in (backbone / "1").iterdir()) == \
-        ["backbone.sm100.trt11.0.plan", "backbone.sm80.trt10.8.plan", "backbone.sm90.trt10.8.plan"]
+    assert sorted(p.name for p in (backbone / "1").iterdir()) == [
+        "backbone.sm100.trt11.0.plan",
+        "backbone.sm80.trt10.8.plan",
+        "backbone.sm90.trt10.8.plan",
+    ]
     config = (backbone / "config.pbtxt").read_text()
     assert 'key: "9.0"' in config and 'key: "10.0"' in config and "trt10.7" not in config
     assert (tmp_path / "r" / "adapter_sentiment" / "1" / "model.plan").is_file()
-    assert any("TensorRT 10.8, 11.0" in n for n in plan.notes) and not any("no TensorRT engine" in n for n in plan.notes)
+    assert any("TensorRT 10.8, 11.0" in n for n in plan.notes) and not any(
+        "no TensorRT engine" in n for n in plan.notes
+    )
 
 
 def test_gpu_target_checks_the_engine_profile(fake_runs, tmp_path):

@@ -1,4 +1,5 @@
 """Killing the server mid-load gives the client a clear connection error; a restart serves again."""
+
 import concurrent.futures as cf
 import threading
 import time

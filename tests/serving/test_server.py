@@ -1,4 +1,5 @@
 """The tritonserver launcher without starting it (fast), and its startup errors (slow)."""
+
 import importlib.util
 import os
 import socket
@@ -36,8 +37,15 @@ def test_backend_directory_holds_backend_and_stub(tmp_path):
 def test_command_binds_every_endpoint_to_localhost(tmp_path):
     opts = ServerOptions(repository=tmp_path, http_port=18000, grpc_port=18001, metrics_port=18002)
     cmd = TritonServer(opts).command()
-    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
-                 "--http-port=18000", "--grpc-port=18001", "--metrics-port=18002", f"--model-repository={tmp_path}"):
+    for flag in (
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        "--http-port=18000",
+        "--grpc-port=18001",
+        "--metrics-port=18002",
+        f"--model-repository={tmp_path}",
+    ):
         assert flag in cmd
     assert opts.log_file.name == "tritonserver-18000.log"
 
@@ -74,8 +82,9 @@ def test_busy_port_is_refused_before_starting(fake_runs, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        opts = ServerOptions(repository=tmp_path / "r", http_port=s.getsockname()[1], grpc_port=free_port(),
-                             metrics_port=free_port())
+        opts = ServerOptions(
+            repository=tmp_path / "r", http_port=s.getsockname()[1], grpc_port=free_port(), metrics_port=free_port()
+        )
         with pytest.raises(ServerError, match=r"http port \d+ on 127.0.0.1 is already in use"):
             TritonServer(opts).start()
 

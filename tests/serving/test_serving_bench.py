@@ -1,4 +1,5 @@
 """benchmarks/serving_bench.py: texts loading (fast) and a bounded run against a served task (slow)."""
+
 import json
 
 import pytest
@@ -26,8 +27,9 @@ def test_test_split_is_found_else_asked_for(tmp_path):
 @pytest.mark.slow
 def test_bounded_benchmark_against_a_server(served, serve_runs, specs, tmp_path):
     texts = ["the film was great", "an awful, tedious plot", "fine"]
-    result = bench.run_benchmark(serve_runs["single"], texts, None, requests=20, warmup=2,
-                                 concurrencies=(1, 4), url=served.grpc_url)
+    result = bench.run_benchmark(
+        serve_runs["single"], texts, None, requests=20, warmup=2, concurrencies=(1, 4), url=served.grpc_url
+    )
     assert [r["concurrency"] for r in result["results"]] == [1, 4]
     for r in result["results"]:
         assert r["triton"]["requests"] == 20 and r["ratio_p50"] > 0 and r["in_process"]["throughput_rps"] > 0

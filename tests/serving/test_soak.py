@@ -1,4 +1,5 @@
 """benchmarks/soak.py, bounded: python -m serving in a subprocess, a soak, an overload, the report."""
+
 import json
 
 import pytest
@@ -11,9 +12,26 @@ pytestmark = pytest.mark.slow
 def test_a_bounded_soak_and_overload(fake_runs, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("the film was great\nan awful, tedious plot\na charming story\nfine\n")
-    code = soak.main(["--run", str(fake_runs["sentiment"]), "--texts", str(texts), "--requests", "60", "--concurrency", "4",
-                      "--overload-requests", "64", "--overload-concurrency", "16", "--out-dir", str(tmp_path),
-                      "--serve-args", "--max-queue-size 8"])
+    code = soak.main(
+        [
+            "--run",
+            str(fake_runs["sentiment"]),
+            "--texts",
+            str(texts),
+            "--requests",
+            "60",
+            "--concurrency",
+            "4",
+            "--overload-requests",
+            "64",
+            "--overload-concurrency",
+            "16",
+            "--out-dir",
+            str(tmp_path),
+            "--serve-args",
+            "--max-queue-size 8",
+        ]
+    )
     result = json.loads((tmp_path / "serving_soak.json").read_text())
     assert code == 0, soak.verdict(result)
     assert result["soak"]["ok"]["count"] == 60 and result["soak"]["label_mismatches"] == 0
@@ -29,5 +47,7 @@ def test_the_verdict_names_what_failed():
     assert soak.verdict(result) == []
     result["overload"] = dict(result["overload"], busy={"count": 3, "max_ms": 9000.0})
     result["soak"] = dict(result["soak"], failed={"count": 1}, failures=["ServingError: boom"])
-    assert soak.verdict(result) == ["soak: 1 failed requests: ['ServingError: boom']",
-                                    "overload: a rejection took 9000.0 ms, over 8000.0 ms"]
+    assert soak.verdict(result) == [
+        "soak: 1 failed requests: ['ServingError: boom']",
+        "overload: a rejection took 9000.0 ms, over 8000.0 ms",
+    ]

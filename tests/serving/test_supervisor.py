@@ -3,6 +3,7 @@
 Also `python -m serving` as make serve runs it: ports and the repository's server are checked before
 anything is generated, and SIGTERM stops it cleanly.
 """
+
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ from tests.serving.hostile import CANARY_TEXTS, assert_still_serving, canary_ans
 pytestmark = pytest.mark.slow
 
 RECOVERY_S = 15.0
-NESTED = ('{"inputs":[{"name":"text","shape":[1,1],"datatype":"BYTES","data":' + "[" * 100_000 + "]" * 100_000 + "}]}").encode()
+NESTED = (
+    '{"inputs":[{"name":"text","shape":[1,1],"datatype":"BYTES","data":' + "[" * 100_000 + "]" * 100_000 + "}]}"
+).encode()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,9 @@ def test_a_segfault_is_recovered_within_15_s_without_a_human(supervised, specs, 
     status = _status(supervised)
     assert status["state"] == "ready" and status["restarts"] == restarts + 1
     assert "was killed by signal 11 (SIGSEGV)" in status["crashes"][-1]["cause"]
-    assert server.options.log_file.read_text().count("==== tritonserver starting") == restarts + 2  # every run's log is kept
+    assert (
+        server.options.log_file.read_text().count("==== tritonserver starting") == restarts + 2
+    )  # every run's log is kept
     assert_still_serving(server, specs["single"].task, before)
 
 
@@ -94,14 +99,20 @@ def test_a_crash_loop_makes_the_supervisor_give_up(serve_runs, tmp_path):
     repo = tmp_path / "model_repository"
     generate_repository([serve_runs["single"]], repo)
     server = TritonServer(ServerOptions.on_free_ports(repository=repo, log_file=tmp_path / "log.txt"))
-    supervisor = Supervisor(server, SupervisorConfig(backoff_initial_s=0.1, max_restarts=1, canary_interval_s=0.5),
-                            status_file=tmp_path / "status.json").start_background()
+    supervisor = Supervisor(
+        server,
+        SupervisorConfig(backoff_initial_s=0.1, max_restarts=1, canary_interval_s=0.5),
+        status_file=tmp_path / "status.json",
+    ).start_background()
     for _ in range(2):
         pid = server.process.pid
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
-        while (server.process is None or server.process.pid == pid or supervisor.state != "ready") and \
-                supervisor.state != "failed" and time.monotonic() - t0 < RECOVERY_S:
+        while (
+            (server.process is None or server.process.pid == pid or supervisor.state != "ready")
+            and supervisor.state != "failed"
+            and time.monotonic() - t0 < RECOVERY_S
+        ):
             time.sleep(0.05)
     supervisor._thread.join(RECOVERY_S)
     status = json.loads((tmp_path / "status.json").read_text())
@@ -122,8 +133,20 @@ def test_a_busy_port_is_refused_before_the_repository_is_touched(fake_runs, tmp_
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        code = cli.main(["--runs", str(fake_runs["nli"]), "--repository", str(repo), "--grpc-port", str(busy),
-                         "--http-port", str(free_port()), "--metrics-port", str(free_port())])
+        code = cli.main(
+            [
+                "--runs",
+                str(fake_runs["nli"]),
+                "--repository",
+                str(repo),
+                "--grpc-port",
+                str(busy),
+                "--http-port",
+                str(free_port()),
+                "--metrics-port",
+                str(free_port()),
+            ]
+        )
     assert code == 1 and f"grpc port {busy} on 127.0.0.1 is already in use" in caplog.text
     assert _tree(repo) == before
 
@@ -132,8 +155,21 @@ def test_a_served_repository_is_not_regenerated(served, fake_runs, caplog):
     repo = served.options.repository
     before = _tree(repo)
     for extra in ([], ["--generate-only"]):
-        code = cli.main(["--runs", str(fake_runs["topic"]), "--repository", str(repo), "--http-port", str(free_port()),
-                         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), *extra])
+        code = cli.main(
+            [
+                "--runs",
+                str(fake_runs["topic"]),
+                "--repository",
+                str(repo),
+                "--http-port",
+                str(free_port()),
+                "--grpc-port",
+                str(free_port()),
+                "--metrics-port",
+                str(free_port()),
+                *extra,
+            ]
+        )
         assert code == 1 and f"is serving {repo}" in caplog.text
     assert _tree(repo) == before and served.is_ready()
 
@@ -150,9 +186,28 @@ def test_python_m_serving_serves_supervised_and_stops_on_sigterm(fake_runs, tmp_
     """What `make serve` runs: ready with a status file, answers, and SIGTERM leaves no tritonserver behind."""
     repo, ports = tmp_path / "repo", [free_port() for _ in range(3)]
     log = tmp_path / "tritonserver.log"
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--runs", str(fake_runs["sentiment"]), "--repository", str(repo),
-                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                             "--log-file", str(log)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--runs",
+            str(fake_runs["sentiment"]),
+            "--repository",
+            str(repo),
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+            "--log-file",
+            str(log),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     status_file = log.with_suffix(".status.json")
     try:
         t0 = time.monotonic()

@@ -1,4 +1,5 @@
 """serving.tokenize against the Hugging Face tokenizer the export saved."""
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -56,13 +57,16 @@ def test_decode_texts_accepts_utf8():
     assert decode_texts(raw, "text") == ["héllo", "plain"]
 
 
-@pytest.mark.parametrize("raw, message", [
-    (np.array([[b""]], dtype=object), r"text\[0\] is empty"),
-    (np.array([[b"ok"], [b"   "]], dtype=object), r"text\[1\] is empty"),
-    (np.array([[b"\xff\xfe bad"]], dtype=object), r"text\[0\] is not valid UTF-8"),
-    (np.array([b"a", b"b"], dtype=object), r"shape \(batch, 1\)"),
-    (np.array([[1]], dtype=object), "must be a string"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (np.array([[b""]], dtype=object), r"text\[0\] is empty"),
+        (np.array([[b"ok"], [b"   "]], dtype=object), r"text\[1\] is empty"),
+        (np.array([[b"\xff\xfe bad"]], dtype=object), r"text\[0\] is not valid UTF-8"),
+        (np.array([b"a", b"b"], dtype=object), r"shape \(batch, 1\)"),
+        (np.array([[1]], dtype=object), "must be a string"),
+    ],
+)
 def test_decode_texts_refuses_bad_input(raw, message):
     with pytest.raises(InputError, match=message):
         decode_texts(raw, "text")

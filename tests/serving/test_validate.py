@@ -1,4 +1,5 @@
 """A broken config or broken ensemble wiring is refused, naming the model and the field."""
+
 import shutil
 
 import pytest
@@ -24,8 +25,15 @@ def _edit(path, old, new, count=1):
 
 def test_generated_repository_is_valid(repo):
     models = validate_repository(repo)
-    assert {"tokenizer_sentiment", "tokenizer_nli", "backbone", "adapter_sentiment", "postprocess_sentiment",
-            "sentiment", "nli"} <= set(models)
+    assert {
+        "tokenizer_sentiment",
+        "tokenizer_nli",
+        "backbone",
+        "adapter_sentiment",
+        "postprocess_sentiment",
+        "sentiment",
+        "nli",
+    } <= set(models)
 
 
 def test_misspelled_field_is_refused_naming_model_and_field(repo):
@@ -40,18 +48,38 @@ def test_wrong_name_is_refused(repo):
         parse_config(repo / "adapter_nli" / "config.pbtxt")
 
 
-@pytest.mark.parametrize("model, old, new, message", [
-    ("sentiment", 'model_name: "adapter_sentiment"', 'model_name: "adapter_missing"',
-     r"ensemble 'sentiment' step 2 \(adapter_missing\): field 'model_name'"),
-    ("sentiment", 'value: "hidden_states"\n    }\n    output_map', 'value: "hidden_state"\n    }\n    output_map',
-     r"ensemble 'sentiment' step 2 \(adapter_sentiment\): input_map value 'hidden_state'"),
-    ("adapter_sentiment", "TYPE_FP32", "TYPE_FP16",
-     r"ensemble 'sentiment' step 2 \(adapter_sentiment\): input 'hidden_states' is TYPE_FP16"),
-    ("backbone", "dims: 16", "dims: 17", r"ensemble '(nli|sentiment)' step 2 .*hidden_states"),
-    ("postprocess_nli", 'name: "probabilities"', 'name: "probs"', r"ensemble 'nli'.*output_map key 'probabilities'"),
-    ("sentiment", 'key: "text"\n      value: "text"', 'key: "text"\n      value: "txt"', r"input_map value 'txt'"),
-    ("tokenizer_nli", "max_batch_size: 8", "max_batch_size: 4", r"max_batch_size 4 is below the ensemble's 8"),
-])
+@pytest.mark.parametrize(
+    "model, old, new, message",
+    [
+        (
+            "sentiment",
+            'model_name: "adapter_sentiment"',
+            'model_name: "adapter_missing"',
+            r"ensemble 'sentiment' step 2 \(adapter_missing\): field 'model_name'",
+        ),
+        (
+            "sentiment",
+            'value: "hidden_states"\n    }\n    output_map',
+            'value: "hidden_state"\n    }\n    output_map',
+            r"ensemble 'sentiment' step 2 \(adapter_sentiment\): input_map value 'hidden_state'",
+        ),
+        (
+            "adapter_sentiment",
+            "TYPE_FP32",
+            "TYPE_FP16",
+            r"ensemble 'sentiment' step 2 \(adapter_sentiment\): input 'hidden_states' is TYPE_FP16",
+        ),
+        ("backbone", "dims: 16", "dims: 17", r"ensemble '(nli|sentiment)' step 2 .*hidden_states"),
+        (
+            "postprocess_nli",
+            'name: "probabilities"',
+            'name: "probs"',
+            r"ensemble 'nli'.*output_map key 'probabilities'",
+        ),
+        ("sentiment", 'key: "text"\n      value: "text"', 'key: "text"\n      value: "txt"', r"input_map value 'txt'"),
+        ("tokenizer_nli", "max_batch_size: 8", "max_batch_size: 4", r"max_batch_size 4 is below the ensemble's 8"),
+    ],
+)
 def test_broken_wiring_is_refused(repo, model, old, new, message):
     _edit(repo / model / "config.pbtxt", old, new)
     with pytest.raises(RepositoryError, match=message):

@@ -1,5 +1,6 @@
 """The explicit per-architecture map (training/architectures.py): T5 encoders end to end, and a clear
 error at load for an architecture the code cannot handle."""
+
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,11 @@ def test_tiny_t5_trains_exports_through_the_parity_gate_and_answers_when_served(
 
     run = tmp_path / "t5"
     overrides = [o for o in tiny_overrides(toy_csv) if not o.startswith("backbone.name")]
-    metrics = Trainer(load_config(overrides=[*overrides, f"backbone.name={tiny_t5}", "train.epochs=3",
-                                             "train.threads=1"]), run, progress=False).run()
+    metrics = Trainer(
+        load_config(overrides=[*overrides, f"backbone.name={tiny_t5}", "train.epochs=3", "train.threads=1"]),
+        run,
+        progress=False,
+    ).run()
     assert metrics["backbone_bytes_ratio"] < 0.5  # GNP-IQ on T5's bias-free Linears and tied embedding
     run_export(run, ExportConfig(threads=1, compare_fp32_size=False, tensorrt="off"), log=lambda *a: None)
     report = ExportReport.load(run / "onnx" / PARITY_FILE)

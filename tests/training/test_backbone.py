@@ -1,8 +1,17 @@
 """Backbone taps on tiny random BERT / RoBERTa / DistilBERT / MPNet, and the three LayerNorm modes."""
+
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, MPNetConfig, MPNetModel,
-                          RobertaConfig, RobertaModel)
+from transformers import (
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    MPNetConfig,
+    MPNetModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from training.architectures import tapped_layernorms
 from training.backbone import BackboneTap, embeddings_module, encoder_layers, masked_mean
@@ -10,36 +19,49 @@ from training.config import load_config
 from training.model import SideTuned, backbone_info, build_side_model
 from training.quant import QuantizedLinear
 
-
 H, L, V, PAD = 32, 3, 100, 1
 
 
 def make_encoder(kind: str):
     torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=40, pad_token_id=PAD)
+    common = dict(
+        vocab_size=V,
+        hidden_size=H,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=PAD,
+    )
     if kind == "bert":
         return BertModel(BertConfig(**common), add_pooling_layer=False).eval()
     if kind == "roberta":
         return RobertaModel(RobertaConfig(**common, type_vocab_size=1), add_pooling_layer=False).eval()
     if kind == "distilbert":
-        return DistilBertModel(DistilBertConfig(vocab_size=V, dim=H, n_layers=L, n_heads=2, hidden_dim=64,
-                                                max_position_embeddings=40, pad_token_id=PAD)).eval()
+        return DistilBertModel(
+            DistilBertConfig(
+                vocab_size=V, dim=H, n_layers=L, n_heads=2, hidden_dim=64, max_position_embeddings=40, pad_token_id=PAD
+            )
+        ).eval()
     if kind == "mpnet":
         return MPNetModel(MPNetConfig(**common), add_pooling_layer=False).eval()
     raise ValueError(kind)
 
 
 KINDS = ["bert", "roberta", "distilbert", "mpnet"]
-FINAL_LN = {"bert": "output.LayerNorm", "roberta": "output.LayerNorm", "distilbert": "output_layer_norm",
-            "mpnet": "output.LayerNorm"}
+FINAL_LN = {
+    "bert": "output.LayerNorm",
+    "roberta": "output.LayerNorm",
+    "distilbert": "output_layer_norm",
+    "mpnet": "output.LayerNorm",
+}
 
 
 def inputs(B=2, T=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[-1, T - 3:] = 0
+    mask[-1, T - 3 :] = 0
     ids[mask == 0] = PAD
     return ids, mask
 
@@ -134,7 +156,9 @@ def test_backbone_info_reads_any_encoder(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_side_model_builds_quantizes_and_runs_on_any_encoder(kind):
-    cfg = load_config(overrides=["backbone.name=tiny", "side.reduction=4", "side.num_heads=2", "quant.keep_fp_reference=false"])
+    cfg = load_config(
+        overrides=["backbone.name=tiny", "side.reduction=4", "side.num_heads=2", "quant.keep_fp_reference=false"]
+    )
     model, info = build_side_model(cfg, 2, FakeTokenizer(kind), encoder=make_encoder(kind))
     assert isinstance(model, SideTuned)
     assert any(isinstance(m, QuantizedLinear) for m in model.tap.encoder.modules())
@@ -191,8 +215,9 @@ def test_truncated_layernorm_mode_trains_only_tapped_affine_params(kind):
     tap.encoder.zero_grad(set_to_none=True)
     hs, _ = tap(*inputs())
     last = tapped_layernorms(tap.encoder, [3])[-1]
-    assert _grad_names(tap, hs[:, -1].sum()) == {n for n, p in tap.encoder.named_parameters()
-                                                  if p is last.weight or p is last.bias}
+    assert _grad_names(tap, hs[:, -1].sum()) == {
+        n for n, p in tap.encoder.named_parameters() if p is last.weight or p is last.bias
+    }
 
 
 def test_truncated_mode_runs_without_grad_in_eval():

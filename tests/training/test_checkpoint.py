@@ -1,18 +1,25 @@
 """Checkpoint I/O: exact round trip, sha256 manifest, clear errors, atomic writes."""
+
 import json
 import shutil
 
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
 from contracts.artifacts import ArtifactError, atomic_directory, verify_manifest, write_manifest
+from tests.conftest import tiny_overrides
 from training.backbone import load_tokenizer
-from training.checkpoint import (BACKBONE_FILE, HELDOUT_FILE, SIDE_FILE, load_checkpoint, read_checkpoint_config,
-                                 read_examples, save_checkpoint)
+from training.checkpoint import (
+    BACKBONE_FILE,
+    HELDOUT_FILE,
+    SIDE_FILE,
+    load_checkpoint,
+    read_checkpoint_config,
+    read_examples,
+    save_checkpoint,
+)
 from training.config import load_config
 from training.model import build_side_model
-
 
 LABELS = ["neg", "pos"]
 TEXTS = ["a wonderful film", "the plot was dull and the actors boring, really quite tedious", "superb"]
@@ -30,10 +37,22 @@ def saved(tmp_path_factory, toy_csv):
             p.add_(torch.randn_like(p) * 0.05)
     model.eval()
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    heldout = "".join(json.dumps({"text": t, "text_pair": None, "label": LABELS[i % 2]}) + "\n"
-                      for i, t in enumerate(TEXTS))
-    path = save_checkpoint(run, model, cfg, info, tokenizer, LABELS, "toy", False, {"test_accuracy": 0.5},
-                           noise_state={"mu": torch.zeros(3)}, extra_files={HELDOUT_FILE: heldout})
+    heldout = "".join(
+        json.dumps({"text": t, "text_pair": None, "label": LABELS[i % 2]}) + "\n" for i, t in enumerate(TEXTS)
+    )
+    path = save_checkpoint(
+        run,
+        model,
+        cfg,
+        info,
+        tokenizer,
+        LABELS,
+        "toy",
+        False,
+        {"test_accuracy": 0.5},
+        noise_state={"mu": torch.zeros(3)},
+        extra_files={HELDOUT_FILE: heldout},
+    )
     return model, tokenizer, path
 
 
@@ -52,15 +71,25 @@ def copy_ckpt(saved, tmp_path):
 
 def test_checkpoint_layout(saved):
     path = saved[2]
-    for name in ("config.json", "backbone_config.json", "tokenizer", BACKBONE_FILE, SIDE_FILE, "metrics.json",
-                 "manifest.json", HELDOUT_FILE):
+    for name in (
+        "config.json",
+        "backbone_config.json",
+        "tokenizer",
+        BACKBONE_FILE,
+        SIDE_FILE,
+        "metrics.json",
+        "manifest.json",
+        HELDOUT_FILE,
+    ):
         assert (path / name).exists(), name
     manifest = verify_manifest(path, "checkpoint")
     on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert not list(path.parent.glob(".tmp-*"))
     meta = read_checkpoint_config(path)
-    assert meta["labels"] == LABELS and meta["run"]["side"]["reduction"] == 2 and meta["backbone"]["tap_layers"] == [1, 2]
+    assert (
+        meta["labels"] == LABELS and meta["run"]["side"]["reduction"] == 2 and meta["backbone"]["tap_layers"] == [1, 2]
+    )
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))  # safetensors and JSON only
     assert read_examples(path)[1]["label"] == "pos"
 
@@ -75,7 +104,9 @@ def test_round_trip_gives_identical_logits(saved):
     assert not loaded.training and cfg.side.reduction == 2
 
 
-@pytest.mark.parametrize("extra", [["quant.bits=4"], ["train.method=lst"], ["quant.layernorm=frozen", "moe.prior=false"]])
+@pytest.mark.parametrize(
+    "extra", [["quant.bits=4"], ["train.method=lst"], ["quant.layernorm=frozen", "moe.prior=false"]]
+)
 def test_round_trip_of_other_configurations(toy_csv, tmp_path, extra):
     """4-bit packed codes, an fp backbone (LST, dense side), frozen LN without the prior: all reload exactly."""
     cfg = load_config(overrides=tiny_overrides(toy_csv) + extra + ["quant.keep_fp_reference=false"])
@@ -96,8 +127,17 @@ def _other_encoder(kind: str, vocab: int):
 
     torch.manual_seed(0)
     if kind == "roberta":  # loaded for training without a pooler, like load_encoder does
-        return RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64, max_position_embeddings=66), add_pooling_layer=False)
+        return RobertaModel(
+            RobertaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=66,
+            ),
+            add_pooling_layer=False,
+        )
     return DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
 
 

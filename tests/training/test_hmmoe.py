@@ -1,14 +1,14 @@
 """Heterogeneous experts: shapes, gradients, prior-only routing, padding, ONNX parity, train + reload."""
+
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import tiny_overrides
 from training.config import EXPERT_TYPES, MoEConfig, load_config
 from training.hmmoe import CrossAttentionExpert, HeterogeneousExperts
 from training.moe import DenseFFN, MoEBlock, route
 from training.side import upcycle
-
-from tests.conftest import tiny_overrides
 
 HETERO = "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]"
 D, F_DIM, D_BACKBONE = 16, 32, 24
@@ -19,7 +19,7 @@ def _inputs(B=2, T=6, seed=0):
     x = torch.randn(B, T, D, generator=g)
     tokens = torch.randn(B, T, D_BACKBONE, generator=g)
     mask = torch.ones(B, T, dtype=torch.int64)
-    mask[-1, T // 2:] = 0
+    mask[-1, T // 2 :] = 0
     return x, {"tokens": tokens, "mask": mask}
 
 
@@ -116,7 +116,7 @@ def _tiny_hetero_model(toy_csv, extra=()):
 
 
 def _toy_batch(tokenizer, toy_csv, n=16):
-    lines = open(toy_csv).read().splitlines()[1:n + 1]
+    lines = open(toy_csv).read().splitlines()[1 : n + 1]
     texts = [" ".join([line.split(",")[0]] * (1 + i % 3)) for i, line in enumerate(lines)]  # ragged: real padding
     return dict(tokenizer(texts, padding=True, return_tensors="pt"))
 
@@ -144,8 +144,11 @@ def test_exported_heterogeneous_adapter_matches_pytorch(toy_csv, tmp_path):
     io = adapter_io(info.hidden_size, info.num_taps, 2)
     path = export_adapter(model, io, tmp_path / "adapter.onnx")
     session = make_session(path, threads=2)
-    feeds = {"hidden_states": hidden.numpy(), "cls_states": cls.numpy(),
-             "attention_mask": batch["attention_mask"].numpy().astype(np.int64)}
+    feeds = {
+        "hidden_states": hidden.numpy(),
+        "cls_states": cls.numpy(),
+        "attention_mask": batch["attention_mask"].numpy().astype(np.int64),
+    }
     (ort_logits,) = session.run(["logits"], feeds)
     np.testing.assert_allclose(ort_logits, logits.numpy(), rtol=0, atol=1e-4)
 

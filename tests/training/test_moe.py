@@ -1,5 +1,6 @@
 """ISMoE: routing (the paper's g' = (p + c) / 2 and the logits-mode prior), the dense gate, sparse
 dispatch, auxiliary losses, sparse upcycling and what makes routing learn from the first step."""
+
 import copy
 import math
 
@@ -8,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from training.moe import DenseFFN, FFNExperts, MoEBlock, dense_gate, load_balancing_loss, route, router_z_loss
-
 
 N, D, F_DIM, BD = 4, 16, 32, 24  # experts, side width, FFN width, backbone width
 
@@ -37,7 +37,7 @@ def test_upcycled_moe_with_zero_router_equals_the_dense_ffn(routing, top_k):
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(2, 9, D, generator=g) * (1 + 4 * seed)
-        cls = torch.randn(2, BD, generator=g) * 10 ** seed  # any prior, from flat to one-hot
+        cls = torch.randn(2, BD, generator=g) * 10**seed  # any prior, from flat to one-hot
         mask = torch.ones(2, 9, dtype=torch.long)
         with torch.no_grad():
             y, aux = block(x, cls, mask)
@@ -263,6 +263,7 @@ def test_router_and_prior_keys_get_gradients(prior_mode):
 
 # ---------------------------------------------------------------- logits-mode prior (the default)
 
+
 def test_logits_mode_prior_is_a_cosine_over_a_learned_temperature():
     _, block = upcycled_block(prior_mode="logits")
     salient = torch.randn(3, BD) * 7 + 2.0  # scale and offset do not matter: centred, unit length
@@ -270,7 +271,7 @@ def test_logits_mode_prior_is_a_cosine_over_a_learned_temperature():
     cos = F.normalize(h, dim=-1) @ F.normalize(block.prior_keys, dim=-1).t()
     torch.testing.assert_close(block.prior_scores(salient), cos / 0.1)
     torch.testing.assert_close(block.prior_scores(salient * 3 - 1), block.prior_scores(salient))
-    x, mask = torch.randn(3, 4, D), torch.ones(3, 4)
+    x = torch.randn(3, 4, D)
     logits, prior = block.router_logits(x, salient)
     assert prior is None
     torch.testing.assert_close(logits, F.linear(x, block.router.weight).float() + (cos / 0.1).unsqueeze(1))
@@ -302,11 +303,13 @@ def test_router_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = block.router_logits(x.bfloat16(), salient)
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits, F.linear(x.bfloat16().float(), block.router.weight) + reference
-                               - F.linear(x, block.router.weight))
+    torch.testing.assert_close(
+        logits, F.linear(x.bfloat16().float(), block.router.weight) + reference - F.linear(x, block.router.weight)
+    )
 
 
 # ---------------------------------------------------------------- symmetry breaking and the first step
+
 
 def test_noise_upcycling_makes_experts_differ_but_stay_near_the_dense_ffn():
     dense, block = upcycled_block(upcycle="noise", noise=0.1)
@@ -345,6 +348,7 @@ def test_router_gets_a_task_gradient_at_step_0_only_when_experts_differ():
 
 
 # ---------------------------------------------------------------- sparse dispatch (training) == dense (export)
+
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_sparse_dispatch_equals_the_dense_form_in_outputs_and_gradients(top_k):

@@ -1,4 +1,5 @@
 """k-means initialisation of the ISMoE prior representatives (training/prior_init.py)."""
+
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +29,8 @@ def test_kmeans_init_spreads_the_prior_over_experts():
     block = model.adapter.blocks[0].ffn
     keys = block.prior_keys.detach()
     assert torch.allclose(keys.norm(dim=-1), torch.ones(4), atol=1e-5)  # logits mode: unit centroids
-    salient = torch.cat([model.tap.stream(b["input_ids"], b["attention_mask"], None, lambda j, t: None)
-                         for b in batches])[:, 0]  # (M, D) salient tokens of block 0's layer
+    salient = torch.cat(
+        [model.tap.stream(b["input_ids"], b["attention_mask"], None, lambda j, t: None) for b in batches]
+    )[:, 0]  # (M, D) salient tokens of block 0's layer
     favourite = (centred_unit(salient) @ keys.t()).argmax(-1)
     assert len(set(favourite.tolist())) >= 3  # the representatives cover the data, not one corner of it

@@ -1,4 +1,5 @@
 """Per-row n-bit quantization: round trips, packed 4-bit, quantized modules, quantize_ on a tiny BERT."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,8 +7,18 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from training.config import QuantConfig
-from training.quant import (QUANTIZED_TYPES, QuantizedEmbedding, QuantizedLinear, dequantize_rows, model_bytes,
-                            pack_int4, quant_error, quantize_, quantize_rows, unpack_int4)
+from training.quant import (
+    QUANTIZED_TYPES,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    dequantize_rows,
+    model_bytes,
+    pack_int4,
+    quant_error,
+    quantize_,
+    quantize_rows,
+    unpack_int4,
+)
 
 
 def tiny_bert(**kw) -> BertModel:
@@ -188,8 +199,9 @@ def test_mha_out_proj_left_alone():
 
 @pytest.mark.parametrize("bits,limit", [(8, 0.30), (4, 0.18)])
 def test_memory_ratio_minilm_shapes(bits, limit):
-    model = tiny_bert(hidden_size=384, intermediate_size=1536, num_attention_heads=12, vocab_size=30522,
-                      num_hidden_layers=2)
+    model = tiny_bert(
+        hidden_size=384, intermediate_size=1536, num_attention_heads=12, vocab_size=30522, num_hidden_layers=2
+    )
     fp_bytes = model_bytes(model)
     quantize_(model, QuantConfig(bits=bits, keep_fp_reference=False))
     ratio = model_bytes(model) / fp_bytes

@@ -1,4 +1,5 @@
 """GNP-IQ events: only sampled rows change, exactly as a fresh quantization of (row + noise); SPSA."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,7 @@ def test_event_touches_only_sampled_rows_exactly(bits):
     cfg = QuantConfig(bits=bits, noise="fixed", requant_fraction=0.25, noise_mu_init=0.3, noise_rho_init=0.5)
     model = quantized_mlp(cfg)
     rq = Requantizer(model, cfg, seed=3, record=True)
-    old = {n: (m.codes().clone(), m.scale.clone(), m.zero_point.clone(), m.dequantize())
-           for n, m in rq.modules.items()}
+    old = {n: (m.codes().clone(), m.scale.clone(), m.zero_point.clone(), m.dequantize()) for n, m in rq.modules.items()}
     log = rq.event(loss_fn=None)
     assert log["rows"] == sum(round(0.25 * m.num_rows) for m in rq.modules.values()) > 0
     sigma = F.softplus(torch.tensor(0.5)).item()
@@ -138,8 +138,10 @@ def test_state_dict_round_trip():
     other = Requantizer(model, cfg)
     other.load_state_dict(rq.state_dict())
     assert other.events == 1 and other.mu["1"].item() == pytest.approx(0.7)
-    assert set(rq.state_dict()) == ({"events", "spsa_adam.m", "spsa_adam.v", "spsa_adam.t"}
-                                    | {f"{n}.{k}" for n in ("0", "1", "3") for k in ("mu", "rho")})
+    assert set(rq.state_dict()) == (
+        {"events", "spsa_adam.m", "spsa_adam.v", "spsa_adam.t"}
+        | {f"{n}.{k}" for n in ("0", "1", "3") for k in ("mu", "rho")}
+    )
 
 
 def test_reference_base_requantizes_from_fp_copy():

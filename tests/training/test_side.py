@@ -1,15 +1,15 @@
 """Ladder side network: linear-probe start, gates, masking, pruning-based init, upcycling."""
+
 import copy
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from training.backbone import encoder_layers, masked_mean
+from training.backbone import masked_mean
 from training.config import MoEConfig, SideConfig
 from training.moe import DenseFFN, MoEBlock
 from training.side import Adapter, SideAttention, prune_init_
-
 
 D, FFN, K, C = 32, 64, 3, 3  # backbone width, backbone FFN width, taps, labels
 
@@ -28,7 +28,7 @@ def taps(B=2, T=6, seed=0):
     hs = torch.randn(B, K, T, D, generator=g)
     cls = torch.randn(B, K - 1, D, generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[-1, T // 2:] = 0
+    mask[-1, T // 2 :] = 0
     return hs, cls, mask
 
 
@@ -152,8 +152,14 @@ def test_upcycle_is_skipped_when_moe_is_disabled():
 
 def tiny_bert(layers=2) -> BertModel:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=FFN, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=D,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=FFN,
+        max_position_embeddings=32,
+    )
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
@@ -168,11 +174,14 @@ def test_prune_init_copies_top_magnitude_submatrices():
         layer = bert.encoder.layer[li - 1]
         att = layer.attention
         q, k, v = (w.detach() for w in (att.self.query.weight, att.self.key.weight, att.self.value.weight))
-        o, fin, fout = (w.detach() for w in (att.output.dense.weight, layer.intermediate.dense.weight,
-                                             layer.output.dense.weight))
+        o, fin, fout = (
+            w.detach() for w in (att.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight)
+        )
         # importance of hidden dim j: |W| summed over every weight that reads or writes j
-        imp = [float(sum(w[:, j].abs().sum() for w in (q, k, v, fin)) + o[j].abs().sum() + fout[j].abs().sum())
-               for j in range(D)]
+        imp = [
+            float(sum(w[:, j].abs().sum() for w in (q, k, v, fin)) + o[j].abs().sum() + fout[j].abs().sum())
+            for j in range(D)
+        ]
         keep = sorted(sorted(range(D), key=lambda j: -imp[j])[:d])
         keep_f = sorted(sorted(range(FFN), key=lambda i: -float(fin[i].abs().sum()))[:f])
         i, j = keep[2], keep[5]
@@ -235,10 +244,11 @@ def test_recompute_keeps_only_block_inputs():
         params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
         storages = {}
 
-        def pack(t):
+        def pack(t, params=params, storages=storages):
             if t.untyped_storage().data_ptr() not in params:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         hs, cls, mask = taps(B=4, T=16)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             adapter(hs, cls, mask)

@@ -2,14 +2,15 @@
 
 `trained_tiny_run` is shared with tests/export/test_pipeline.py, so the session trains once.
 """
+
 import json
 import struct
 
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
 from contracts.artifacts import verify_manifest
+from tests.conftest import tiny_overrides
 from training.checkpoint import BACKBONE_FILE, CALIBRATION_FILE, HELDOUT_FILE, SIDE_FILE, load_checkpoint, read_examples
 from training.config import load_config
 from training.data import make_loader
@@ -20,10 +21,29 @@ from training.model import SideTuned
 # Re-quantization every 6 epochs keeps two events in the run (epochs 6 and 12; none after the last). One thread: on shared cores two
 # intra-op threads wait for each other's time slices (measured here: 2.4 s at 1 thread, 78 s at 2).
 BUDGET = ["train.lr=3e-3", "train.epochs=15", "quant.requant_every_epochs=6", "train.threads=1"]
-METRIC_KEYS = {"task", "method", "labels", "test_accuracy", "val_accuracy", "best_epoch", "test_size", "epochs",
-               "trainable_parameters", "backbone_bytes", "backbone_fp32_bytes", "backbone_bytes_ratio",
-               "peak_memory_gib", "peak_memory_kind", "step_time_s_median", "train_time_s", "requant_events",
-               "device", "cpu_threads", "machine", "torch"}
+METRIC_KEYS = {
+    "task",
+    "method",
+    "labels",
+    "test_accuracy",
+    "val_accuracy",
+    "best_epoch",
+    "test_size",
+    "epochs",
+    "trainable_parameters",
+    "backbone_bytes",
+    "backbone_fp32_bytes",
+    "backbone_bytes_ratio",
+    "peak_memory_gib",
+    "peak_memory_kind",
+    "step_time_s_median",
+    "train_time_s",
+    "requant_events",
+    "device",
+    "cpu_threads",
+    "machine",
+    "torch",
+}
 _CACHE: dict = {}
 pytestmark = pytest.mark.slow
 
@@ -120,8 +140,17 @@ def test_checkpoint_holds_every_file(trained):
     run, m = trained
     ckpt = run / "checkpoint"
     manifest = verify_manifest(ckpt, "checkpoint")
-    for name in ("config.json", "backbone_config.json", BACKBONE_FILE, SIDE_FILE, "metrics.json", HELDOUT_FILE,
-                 CALIBRATION_FILE, "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "backbone_config.json",
+        BACKBONE_FILE,
+        SIDE_FILE,
+        "metrics.json",
+        HELDOUT_FILE,
+        CALIBRATION_FILE,
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+    ):
         assert name in manifest["files"], name
     assert json.loads((ckpt / "metrics.json").read_text()) == json.loads((run / "metrics.json").read_text())
     assert len(read_examples(ckpt)) == m["test_size"]
@@ -135,8 +164,9 @@ def test_checkpoint_reproduces_the_reported_test_accuracy(trained):
     assert isinstance(model, SideTuned) and meta["labels"] == m["labels"]
     from export.parity import to_examples
 
-    loader = make_loader(to_examples(read_examples(run / "checkpoint"), meta["labels"]), tokenizer,
-                         meta["max_length"], 64, shuffle=False)
+    loader = make_loader(
+        to_examples(read_examples(run / "checkpoint"), meta["labels"]), tokenizer, meta["max_length"], 64, shuffle=False
+    )
     correct = n = 0
     with torch.no_grad():
         for batch in loader:

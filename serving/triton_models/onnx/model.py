@@ -1,4 +1,5 @@
 """Triton python model running one ONNX Runtime session: the CPU target's backbone or adapter_<task>."""
+
 import json
 import os
 import sys
@@ -20,10 +21,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = pm.parameters(config)
         self.name = config["name"]
-        self.runner = OnnxRunner(pm.version_dir(args) / params["onnx_file"],
-                                 pm.tensor_specs(config, "input"), pm.tensor_specs(config, "output"),
-                                 threads=int(params["threads"]), accuracy_level=int(params["accuracy_level"]),
-                                 limits=InputLimits.from_parameters(params))
+        self.runner = OnnxRunner(
+            pm.version_dir(args) / params["onnx_file"],
+            pm.tensor_specs(config, "input"),
+            pm.tensor_specs(config, "output"),
+            threads=int(params["threads"]),
+            accuracy_level=int(params["accuracy_level"]),
+            limits=InputLimits.from_parameters(params),
+        )
 
     def execute(self, requests):
         return pm.respond_merged(pb_utils, requests, self.runner.inputs, self.runner.check, self.runner.run, self.name)

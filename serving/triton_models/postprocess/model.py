@@ -1,4 +1,5 @@
 """Triton python model `postprocess_<task>`: logits -> label (TYPE_STRING) and probabilities, or the score."""
+
 import json
 import os
 import sys

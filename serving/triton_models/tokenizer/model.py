@@ -1,4 +1,5 @@
 """Triton python model `tokenizer`: TYPE_STRING text [, text_pair] -> the backbone's int64 inputs."""
+
 import json
 import os
 import sys
@@ -13,8 +14,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only insid
 
 from serving import python_model as pm  # noqa: E402
 from serving.contract import TEXT, TEXT_PAIR  # noqa: E402
-from serving.tokenize import TextTokenizer, decode_texts  # noqa: E402
 from serving.errors import InputError  # noqa: E402
+from serving.tokenize import TextTokenizer, decode_texts  # noqa: E402
 
 
 class TritonPythonModel:
@@ -25,8 +26,9 @@ class TritonPythonModel:
         self.inputs = pm.tensor_specs(config, "input")
         self.pairs = any(t.name == TEXT_PAIR for t in self.inputs)
         output_names = tuple(t.name for t in pm.tensor_specs(config, "output"))
-        self.tokenizer = TextTokenizer(pm.version_dir(args) / params["tokenizer_dir"],
-                                       int(params["max_length"]), output_names)
+        self.tokenizer = TextTokenizer(
+            pm.version_dir(args) / params["tokenizer_dir"], int(params["max_length"]), output_names
+        )
         self.max_bytes = int(params["max_text_bytes"]) if "max_text_bytes" in params else None
 
     def _handle(self, inputs: dict) -> dict:

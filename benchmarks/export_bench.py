@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import absent, load_json
+
 SEQ = 128
 BATCHES = (1, 32)
 
@@ -342,6 +344,39 @@ def write_markdown(path: Path, result: dict) -> None:
     if result.get("note"):
         lines += ["", result["note"]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def summary(docs: Path, status: str = "Not re-measured in this run") -> list[str]:
+    """This benchmark's section of docs/BENCHMARKS.md, from docs/export_bench.json (its own schema)."""
+    data = load_json(docs / "export_bench.json")
+    out = ["## Exported graphs vs PyTorch (batch 1 and 32, sequence 128)", ""]
+    if not data:
+        return out + absent("docs/export_bench.json", "python -m benchmarks.export_bench --run runs/<name>")
+    e, s = data["environment"], data["sizes"]
+    out += [
+        f"{status}. From `docs/export_bench.json` ({data['date']} UTC, {e['cpu']}, {e['cpu_count']} CPUs, "
+        f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
+        "[export_bench.md](export_bench.md).",
+        "",
+        "| batch | engine | median ms | p90 ms | latency / torch fp32 | x vs torch int8 | max abs logits vs torch int8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tables = data.get("tables") or [
+        {"threads": data["threads"], "results": data["results"]}
+    ]  # one table per thread count
+    for t in tables:
+        out += [
+            f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
+            f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |"
+            for r in t["results"]
+        ]
+    out += [
+        "",
+        f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
+        f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).",
+        "",
+    ]
+    return out
 
 
 def parse_args(argv=None):

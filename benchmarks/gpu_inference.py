@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import absent, load_json
 from training.backbone import load_encoder
 from training.config import BackboneConfig, QuantConfig
 from training.quant import model_bytes, quantize_
@@ -95,3 +96,44 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def summary(docs: Path) -> list[str]:
+    """The GPU section of docs/BENCHMARKS.md from docs/gpu_*.json: this script's latency rows and the
+    training-memory table an earlier session measured on an H100 (its own layout)."""
+    out = ["## GPU (PyTorch; TensorRT was not run)", ""]
+    files = sorted(docs.glob("gpu_*.json"))
+    if not files:
+        return out + absent("docs/gpu_*.json", "python -m benchmarks.gpu_inference on a CUDA machine")
+    for path in files:
+        data = load_json(path) or {}
+        if "rows" in data:
+            out += [
+                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, backbone `{data.get('backbone')}`"
+                f"{' (random weights)' if data.get('random_init') else ''}, {data.get('date')}. {data.get('note', '')}",
+                "",
+                "| batch | seq | fp16 p50 ms | int8 (dequantize per forward) p50 ms | int8 / fp16 |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['batch']} | {r['seq']} | {r['fp16_ms_p50']:.2f} | {r['int8_dequant_ms_p50']:.2f} "
+                f"| {r['ratio_int8_over_fp16']:.2f}x |"
+                for r in data["rows"]
+            ]
+        elif "methods" in data:
+            out += [
+                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, {data.get('date')}. {data.get('setup', '')}",
+                "",
+                "| method | peak memory GiB | static GiB | trainable parameters | median step s |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {k} | {m['peak_memory_gib']:.3f} | {m.get('static_memory_gib') or 0:.3f} | {m['trainable_parameters']:,} "
+                f"| {m.get('step_time_s_median') or float('nan'):.3f} |"
+                for k, m in data["methods"].items()
+            ]
+            out += ["", f"Command: `{data.get('command', '?')}`", "", "![GPU training memory](bench_gpu_memory.png)"]
+        else:
+            out.append(f"`{path.name}`: not rendered here (unrecognised layout); see the file.")
+        out.append("")
+    return out

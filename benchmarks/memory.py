@@ -313,6 +313,29 @@ def plot(report: dict, png: Path) -> Path:
     return png
 
 
+def summary(docs: Path) -> list[str]:
+    """This benchmark's section of docs/BENCHMARKS.md, from docs/memory.json (its own schema)."""
+    from benchmarks.report import absent, load_json
+
+    out = ["## Training memory by category", ""]
+    data = load_json(docs / "memory.json")
+    if not data or "ratios" not in data:
+        return out + absent("docs/memory.json with every method", "python -m benchmarks.memory")
+    out += [
+        f"From `docs/memory.json` ({data['environment']['date']}; command `{data['command']}`): "
+        "all-mpnet-base-v2 architecture, sequence 128, accounted bytes of parameters, gradients, optimizer "
+        "state and saved activations. Details: [memory.md](memory.md).",
+        "",
+        "| batch | MP-ISMoE vs full FT | vs LoRA | vs LST | step time vs LST (paired) |",
+        "|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {b} | {q['vs_full_ft']:.3f}x | {q['vs_lora']:.3f}x | {q['vs_lst']:.3f}x | {q['step_time_vs_lst']:.2f}x |"
+        for b, q in data["ratios"].items()
+    ]
+    return out + ["", "![training memory by category](memory.png)", ""]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.memory",

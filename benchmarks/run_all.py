@@ -10,9 +10,10 @@ Steps:
                 -> docs/bench_runtimes.json, bench_latency_runtimes.png, bench_latency_hist.png
   export bench  benchmarks/export_bench.py (batch 1 and 32, seq 128) -> docs/export_bench.json/.md
   serving bench benchmarks/serving_bench.py (concurrency 1 and 16) -> docs/serving_bench.json/.md
-  render        the above plus docs/compare.json (`make compare`), docs/ablation.json (`make ablate`)
-                and docs/gpu_*.json where present -> docs/BENCHMARKS.md (+ bench_accuracy_memory.png,
-                bench_gpu_memory.png). An absent input is stated as not measured, never filled in.
+  render        the above plus every other producer's own section (each renders its own JSON:
+                soak, memory, experiments.compare, experiments.ablation, gpu_inference) ->
+                docs/BENCHMARKS.md (+ bench_gpu_memory.png). An absent input is stated as not
+                measured, never filled in; a producer whose JSON does not match its schema fails.
 Timings are medians (p99 next to them); runtimes are compared only as ratios from the same run.
 """
 
@@ -29,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import plots
+from benchmarks.report import absent, load_json
 
 DOCS = Path("docs")
 RUNTIMES_JSON = "bench_runtimes.json"
 PNG = {
     "runtimes": "bench_latency_runtimes.png",
     "hist": "bench_latency_hist.png",
-    "accuracy": "bench_accuracy_memory.png",
     "gpu_memory": "bench_gpu_memory.png",
 }
 
@@ -130,17 +131,6 @@ def run_step(name: str, argv: list[str]) -> dict:
 # ---------------------------------------------------------------- rendering
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-
-
-def _absent(what: str, command: str) -> list[str]:
-    return [f"Not measured in this run: no {what}. `{command}` produces it.", ""]
-
-
 def _status(steps: dict, key: str, default: str) -> str:
     return steps.get(key, {}).get("status", default)
 
@@ -148,7 +138,7 @@ def _status(steps: dict, key: str, default: str) -> str:
 def section_runtimes(data: dict | None, docs: Path, command: str) -> list[str]:
     out = ["## Latency and accuracy per runtime", ""]
     if not data:
-        return out + _absent(f"{docs / RUNTIMES_JSON}", "make bench RUN=runs/<name>")
+        return out + absent(f"{docs / RUNTIMES_JSON}", "make bench RUN=runs/<name>")
     env, s = data["environment"], data["summary"]
     out += [
         f"Run `{data['run']}` ({data['backbone']}, task `{data['task']}`, {data['precision']}); {data['requests']} "
@@ -182,152 +172,8 @@ def section_runtimes(data: dict | None, docs: Path, command: str) -> list[str]:
     return out
 
 
-def section_export(data: dict | None, status: str) -> list[str]:
-    out = ["## Exported graphs vs PyTorch (batch 1 and 32, sequence 128)", ""]
-    if not data:
-        return out + _absent("docs/export_bench.json", "python -m benchmarks.export_bench --run runs/<name>")
-    e, s = data["environment"], data["sizes"]
-    out += [
-        f"{status}. From `docs/export_bench.json` ({data['date']} UTC, {e['cpu']}, {e['cpu_count']} CPUs, "
-        f"threads {data['threads']}, run `{data['run']}`); command `{data['command']}`. Full table: "
-        "[export_bench.md](export_bench.md).",
-        "",
-        "| batch | engine | median ms | p90 ms | latency / torch fp32 | x vs torch int8 | max abs logits vs torch int8 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    tables = data.get("tables") or [
-        {"threads": data["threads"], "results": data["results"]}
-    ]  # one table per thread count
-    for t in tables:
-        out += [
-            f"| {r['batch']} ({t['threads']} thr) | {r['engine']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
-            f"| {r['latency_ratio_vs_torch_fp32']:.2f} | {r['speedup_vs_torch_int8']:.2f} | {r['max_abs_logits_vs_torch_int8']:.2e} |"
-            for r in t["results"]
-        ]
-    out += [
-        "",
-        f"backbone.onnx ({s['precision']}): {s['backbone_onnx_bytes']:,} bytes = {s['ratio']:.3f} x the fp32 "
-        f"export ({s['backbone_fp32_onnx_bytes']:,} bytes).",
-        "",
-    ]
-    return out
-
-
-def section_serving(data: dict | None, status: str, path: Path, command: str | None) -> list[str]:
-    out = ["## Triton ensemble vs in-process ONNX Runtime under load", ""]
-    if not data:
-        return out + _absent("docs/serving_bench.json", "python -m benchmarks.serving_bench --run runs/<name>")
-    mc = data["machine"]
-    date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out += [
-        f"{status}. From `docs/serving_bench.json` (file written {date}; {mc['cpus']} CPUs, {mc['platform']}; run "
-        f"`{data['run']}`, {data['protocol']}); command `{command or 'python -m benchmarks.serving_bench --run ' + data['run']}`. "
-        "Full table: [serving_bench.md](serving_bench.md).",
-        "",
-        "| concurrency | in-process p50 / p99 ms | Triton p50 / p99 ms | Triton / in-process p50 | in-process req/s | Triton req/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["results"]:
-        a, b = r["in_process"], r["triton"]
-        out.append(
-            f"| {r['concurrency']} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
-            f"| {r['ratio_p50']:.2f}x | {a['throughput_rps']:.1f} | {b['throughput_rps']:.1f} |"
-        )
-    return out + [""]
-
-
-def section_compare(data: dict | None, docs: Path) -> list[str]:
-    out = ["## Accuracy and training memory per method (CPU)", ""]
-    if not data:
-        return out + _absent("docs/compare.json", "make compare")
-    mc, b = data["machine"], data["budget"]
-    out += [
-        f"From `docs/compare.json` ({mc['date']}, {mc['cpu']}, {mc['cpu_count']} CPUs); backbone `{b['backbone']}`, "
-        f"data `{b['dataset']}` ({b['sizes']}), {b['epochs']} epoch(s), max_steps {b['max_steps']}; command "
-        f"`{data['command']}`. Details: [compare.md](compare.md).",
-        "",
-        "| method | test accuracy | peak training memory GiB | trainable parameters | median step s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in data["results"]:
-        if r["status"] != "ok":
-            out.append(f"| {r['method']} | FAILED | | | |")
-            continue
-        m = r["metrics"]
-        step = f"{m['step_time_s_median']:.3f}" if m.get("step_time_s_median") else "n/a"
-        out.append(
-            f"| {r['method']} | {m['test_accuracy']:.4f} | {m['peak_memory_gib']:.3f} ({m['peak_memory_kind']}) "
-            f"| {m['trainable_parameters']:,} | {step} |"
-        )
-    return out + ["", f"![accuracy vs peak training memory]({PNG['accuracy']})", ""]
-
-
-def section_ablation(data: dict | None) -> list[str]:
-    out = ["## Ablation", ""]
-    if not data:
-        return out + _absent("docs/ablation.json", "make ablate")
-    out += [
-        f"From `docs/ablation.json` ({data.get('date', '?')}, device {', '.join(data.get('devices') or ['?'])}, "
-        f"seeds {data.get('seeds')}); command "
-        f"`{data.get('command', '?')}`. Tables and the findings the data supports: [ablation.md](ablation.md).",
-        "",
-        "| table | variant | test accuracy % (mean ± std, n) | peak memory GiB |",
-        "|---|---|---|---|",
-    ]
-    for title, rows in data["tables"]:
-        for name, label in rows:
-            s = data["variants"][name]["summary"]
-            acc = (
-                f"{100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} (n={s['n']})"
-                if s["n"]
-                else "FAILED"
-            )
-            mem = f"{s['peak_memory_gib']:.3f}" if s["n"] else ""
-            out.append(f"| {title} | {label} | {acc} | {mem} |")
-    return out + [""]
-
-
-def section_gpu(docs: Path) -> list[str]:
-    out = ["## GPU (PyTorch; TensorRT was not run)", ""]
-    files = sorted(docs.glob("gpu_*.json"))
-    if not files:
-        return out + _absent("docs/gpu_*.json", "python -m benchmarks.gpu_inference on a CUDA machine")
-    for path in files:
-        data = _load(path) or {}
-        if "rows" in data:
-            out += [
-                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, backbone `{data.get('backbone')}`"
-                f"{' (random weights)' if data.get('random_init') else ''}, {data.get('date')}. {data.get('note', '')}",
-                "",
-                "| batch | seq | fp16 p50 ms | int8 (dequantize per forward) p50 ms | int8 / fp16 |",
-                "|---|---|---|---|---|",
-            ]
-            out += [
-                f"| {r['batch']} | {r['seq']} | {r['fp16_ms_p50']:.2f} | {r['int8_dequant_ms_p50']:.2f} "
-                f"| {r['ratio_int8_over_fp16']:.2f}x |"
-                for r in data["rows"]
-            ]
-        elif "methods" in data:
-            out += [
-                f"`{path.name}`: {data.get('gpu')}, torch {data.get('torch')}, {data.get('date')}. {data.get('setup', '')}",
-                "",
-                "| method | peak memory GiB | static GiB | trainable parameters | median step s |",
-                "|---|---|---|---|---|",
-            ]
-            out += [
-                f"| {k} | {m['peak_memory_gib']:.3f} | {m.get('static_memory_gib') or 0:.3f} | {m['trainable_parameters']:,} "
-                f"| {m.get('step_time_s_median') or float('nan'):.3f} |"
-                for k, m in data["methods"].items()
-            ]
-            out += ["", f"Command: `{data.get('command', '?')}`", "", f"![GPU training memory]({PNG['gpu_memory']})"]
-        else:
-            out.append(f"`{path.name}`: not rendered here (unrecognised layout); see the file.")
-        out.append("")
-    return out
-
-
 def render(docs: Path, run_cmd: str, steps: dict) -> str:
-    runtimes = _load(docs / RUNTIMES_JSON)
+    runtimes = load_json(docs / RUNTIMES_JSON)
     parts = [
         "# Benchmarks",
         "",
@@ -338,26 +184,16 @@ def render(docs: Path, run_cmd: str, steps: dict) -> str:
         "file, machine, date and command; a section whose input is absent says so.",
         "",
     ]
-    sections = [
-        lambda: section_runtimes(runtimes, docs, (runtimes or {}).get("command", run_cmd)),
-        lambda: section_export(
-            _load(docs / "export_bench.json"), _status(steps, "export", "Not re-measured in this run")
-        ),
-        lambda: section_serving(
-            _load(docs / "serving_bench.json"),
-            _status(steps, "serving", "Not re-measured in this run"),
-            docs / "serving_bench.json",
-            steps.get("serving", {}).get("command"),
-        ),
-        lambda: section_compare(_load(docs / "compare.json"), docs),
-        lambda: section_ablation(_load(docs / "ablation.json")),
-        lambda: section_gpu(docs),
-    ]
-    for section in sections:
-        try:
-            parts += section()
-        except (KeyError, TypeError, ValueError) as e:  # another tool changed its JSON layout
-            parts += [f"(a section could not be rendered: {type(e).__name__} {e}; see the JSON file in docs/)", ""]
+    from benchmarks import export_bench, gpu_inference, memory, serving_bench, soak
+    from experiments import ablation, report
+
+    parts += section_runtimes(runtimes, docs, (runtimes or {}).get("command", run_cmd))
+    parts += export_bench.summary(docs, _status(steps, "export", "Not re-measured in this run"))
+    parts += serving_bench.summary(
+        docs, _status(steps, "serving", "Not re-measured in this run"), steps.get("serving", {}).get("command")
+    )
+    for producer in (soak, memory, report, ablation, gpu_inference):  # each renders its own JSON
+        parts += producer.summary(docs)
     parts += [
         "## Regression",
         "",
@@ -372,7 +208,7 @@ def render(docs: Path, run_cmd: str, steps: dict) -> str:
 def draw(docs: Path, run_cmd: str) -> list[Path]:
     """Every figure whose input exists; returns the PNGs written."""
     written = []
-    rt = _load(docs / RUNTIMES_JSON)
+    rt = load_json(docs / RUNTIMES_JSON)
     if rt:
         foot = plots.footer_text(rt["environment"], rt.get("command", run_cmd))
         written.append(
@@ -392,33 +228,7 @@ def draw(docs: Path, run_cmd: str) -> list[Path]:
                     f"Triton ensemble latency ({rt['backbone']} / {rt['task']})",
                 )
             )
-    cmp = _load(docs / "compare.json")
-    ok = [r for r in (cmp or {}).get("results", []) if r.get("status") == "ok"]
-    if ok:
-        env = {
-            "cpu": cmp["machine"]["cpu"],
-            "cpu_count": cmp["machine"]["cpu_count"],
-            "date": cmp["machine"]["date"],
-            "versions": {"torch": cmp["machine"].get("torch")},
-        }
-        points = [
-            {
-                "name": r["method"],
-                "accuracy": r["metrics"]["test_accuracy"],
-                "memory_gib": r["metrics"]["peak_memory_gib"],
-                "memory_kind": r["metrics"]["peak_memory_kind"],
-            }
-            for r in ok
-        ]
-        written.append(
-            plots.accuracy_vs_memory(
-                points,
-                plots.footer_text(env, cmp["command"]),
-                docs / PNG["accuracy"],
-                f"{cmp['budget']['backbone']}: test accuracy vs peak training memory",
-            )
-        )
-    mem = _load(docs / "gpu_training_memory.json")
+    mem = load_json(docs / "gpu_training_memory.json")
     if mem and "methods" in mem:
         env = {"gpu": mem.get("gpu"), "date": mem.get("date"), "versions": {"torch": mem.get("torch")}}
         written.append(

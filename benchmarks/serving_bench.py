@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
+import datetime
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import absent, load_json
 from serving.client import Client
 from serving.config import ServeConfig
 from serving.reference import InProcessClassifier
@@ -187,6 +189,32 @@ def write_report(result: dict, out_dir: Path, name: str = "serving_bench") -> tu
     json_path.write_text(json.dumps(result, indent=2))
     md_path.write_text(to_markdown(result))
     return json_path, md_path
+
+
+def summary(docs: Path, status: str = "Not re-measured in this run", command: str | None = None) -> list[str]:
+    """This benchmark's section of docs/BENCHMARKS.md, from docs/serving_bench.json (its own schema)."""
+    path = docs / "serving_bench.json"
+    data = load_json(path)
+    out = ["## Triton ensemble vs in-process ONNX Runtime under load", ""]
+    if not data:
+        return out + absent("docs/serving_bench.json", "python -m benchmarks.serving_bench --run runs/<name>")
+    mc = data["machine"]
+    date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out += [
+        f"{status}. From `docs/serving_bench.json` (file written {date}; {mc['cpus']} CPUs, {mc['platform']}; run "
+        f"`{data['run']}`, {data['protocol']}); command `{command or 'python -m benchmarks.serving_bench --run ' + data['run']}`. "
+        "Full table: [serving_bench.md](serving_bench.md).",
+        "",
+        "| concurrency | in-process p50 / p99 ms | Triton p50 / p99 ms | Triton / in-process p50 | in-process req/s | Triton req/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        a, b = r["in_process"], r["triton"]
+        out.append(
+            f"| {r['concurrency']} | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} "
+            f"| {r['ratio_p50']:.2f}x | {a['throughput_rps']:.1f} | {b['throughput_rps']:.1f} |"
+        )
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

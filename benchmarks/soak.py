@@ -274,6 +274,29 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(docs: Path) -> list[str]:
+    """This benchmark's section of docs/BENCHMARKS.md, from docs/serving_soak.json (its own schema)."""
+    from benchmarks.report import absent, load_json
+
+    out = ["## Soak and overload of the served model", ""]
+    r = load_json(docs / "serving_soak.json")
+    if not r:
+        return out + absent("docs/serving_soak.json", "python -m benchmarks.soak --run runs/<name>")
+    out += [
+        f"From `docs/serving_soak.json` ({r['date']}; command `{r['command']}`). Details: "
+        "[serving_soak.md](serving_soak.md).",
+        "",
+        "| phase | requests | concurrency | answered | rejected (busy) | failed | req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {name} | {p['requests']} | {p['concurrency']} | {p['ok']} | {p['busy']} | {p['failed']} | "
+        f"{p['throughput_rps']:.1f} |"
+        for name, p in (("soak", r["soak"]), ("overload", r["overload"]))
+    ]
+    return out + ["", f"tritonserver restarts during the run: {r['restarts']}.", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.soak",

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.report import absent, load_json
 from training.config import ConfigError, load_config
 
 from .harness import run_training
@@ -361,6 +362,33 @@ def plan(args) -> tuple[list[str], dict[tuple[str, int], list[str]], object]:
     runs = {(n, s): [*common, *VARIANTS[n].overrides, f"train.seed={s}"] for n in names for s in args.seeds}
     cfgs = [load_config(args.config, o) for o in runs.values()]
     return names, runs, cfgs[0]
+
+
+def summary(docs: Path) -> list[str]:
+    """This harness's section of docs/BENCHMARKS.md, from docs/ablation.json (its own schema)."""
+    data = load_json(docs / "ablation.json")
+    out = ["## Ablation", ""]
+    if not data:
+        return out + absent("docs/ablation.json", "make ablate")
+    out += [
+        f"From `docs/ablation.json` ({data.get('date', '?')}, device {', '.join(data.get('devices') or ['?'])}, "
+        f"seeds {data.get('seeds')}); command "
+        f"`{data.get('command', '?')}`. Tables and the findings the data supports: [ablation.md](ablation.md).",
+        "",
+        "| table | variant | test accuracy % (mean ± std, n) | peak memory GiB |",
+        "|---|---|---|---|",
+    ]
+    for title, rows in data["tables"]:
+        for name, label in rows:
+            s = data["variants"][name]["summary"]
+            acc = (
+                f"{100 * s['test_accuracy_mean']:.2f} ± {100 * s['test_accuracy_std']:.2f} (n={s['n']})"
+                if s["n"]
+                else "FAILED"
+            )
+            mem = f"{s['peak_memory_gib']:.3f}" if s["n"] else ""
+            out.append(f"| {title} | {label} | {acc} | {mem} |")
+    return out + [""]
 
 
 def main(argv=None) -> int:

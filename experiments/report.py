@@ -154,3 +154,27 @@ def plot(report: dict, png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def summary(docs: Path) -> list[str]:
+    """The comparison's section of docs/BENCHMARKS.md, from docs/compare.json (its own schema)."""
+    from benchmarks.report import absent, load_json
+
+    out = ["## MP-ISMoE against the baselines, over tasks and paired seeds", ""]
+    data = load_json(docs / "compare.json")
+    if not data:
+        return out + absent("docs/compare.json", "make compare")
+    out += [
+        f"From `docs/compare.json` ({data['environment']['date']}; seeds {data['seeds']}; command "
+        f"`{data['command']}`). Tables, intervals and learning rates: [compare.md](compare.md).",
+        "",
+    ]
+    for task, t in data["tasks"].items():
+        cells = []
+        for m, entry in t["methods"].items():
+            vals = list(_values(entry).values())
+            if vals:
+                s = summarize(vals)
+                cells.append(f"{data['names'].get(m, m)} {100 * s.mean:.2f} ± {100 * s.std:.2f}")
+        out.append(f"- {task} (test {t['metric']} x100): " + "; ".join(cells))
+    return out + ["", "![comparison](compare.png)", ""]

@@ -112,46 +112,6 @@ def test_missing_artifacts_are_one_line_errors_naming_the_file(tmp_path, capsys)
     assert len(err.splitlines()) == 1 and f"{run / 'checkpoint'} does not exist" in err and "make train" in err
 
 
-def test_bench_report_states_absent_inputs_and_draws_what_exists(tmp_path):
-    """`make bench` never invents a figure: an absent input is one plain sentence (benchmarks/run_all.py)."""
-    from benchmarks import run_all
-
-    docs = tmp_path / "docs"
-    assert run_all.main(["--render-only", "--docs", str(docs)]) == 0
-    text = (docs / "BENCHMARKS.md").read_text()
-    assert text.count("Not measured in this run") == 6 and not list(docs.glob("*.png"))
-    metrics = {
-        "test_accuracy": 0.8,
-        "peak_memory_gib": 1.5,
-        "peak_memory_kind": "cpu_peak_rss",
-        "trainable_parameters": 1000,
-        "step_time_s_median": 0.1,
-    }
-    (docs / "compare.json").write_text(
-        json.dumps(
-            {
-                "command": "python -m training.compare",
-                "budget": {
-                    "backbone": "tiny",
-                    "dataset": "toy.csv",
-                    "sizes": "train 192",
-                    "epochs": 1,
-                    "max_steps": None,
-                },
-                "machine": {"cpu": "cpu", "cpu_count": 2, "date": "2026-01-01 00:00 UTC", "torch": "2.13.0"},
-                "results": [
-                    {"method": "mp_ismoe", "status": "ok", "metrics": metrics},
-                    {"method": "lora", "status": "failed", "error": "boom"},
-                ],
-            }
-        )
-    )
-    assert run_all.main(["--render-only", "--docs", str(docs)]) == 0
-    text = (docs / "BENCHMARKS.md").read_text()
-    assert text.count("Not measured in this run") == 5 and "| lora | FAILED |" in text
-    assert (docs / "bench_accuracy_memory.png").read_bytes()[:4] == b"\x89PNG"
-
-
 # ---------------------------------------------------------------- the fixed case (slow)
 
 

@@ -1,5 +1,6 @@
 """`make bench`'s report: each producer renders its own JSON; an absent input is one plain sentence, and a
 JSON that does not match its producer's schema is an error in that producer, not a skipped section."""
+
 import json
 
 import pytest
@@ -16,8 +17,11 @@ COMPARE = {
             "what": "a toy task",
             "metric": "accuracy",
             "methods": {
-                m: {"lr": 1e-3, "tuning": {"0.001": 0.8},
-                    "runs": {str(s): {"status": "ok", "test": acc + 0.01 * s, "val": 0.8} for s in (0, 1)}}
+                m: {
+                    "lr": 1e-3,
+                    "tuning": {"0.001": 0.8},
+                    "runs": {str(s): {"status": "ok", "test": acc + 0.01 * s, "val": 0.8} for s in (0, 1)},
+                }
                 for m, acc in (("lst", 0.80), ("mp_ismoe", 0.82))
             },
         }

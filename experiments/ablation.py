@@ -107,12 +107,12 @@ VARIANTS = {
         Variant(
             "hetero_lowrank_xattn",
             "heterogeneous experts: 2 ffn + 1 lowrank + 1 cross_attn",
-            (*MP_ISMOE, "moe.expert_types=[ffn, ffn, lowrank, cross_attn]"),
+            (*MP_ISMOE, "moe.num_experts=4", "moe.expert_types=[ffn, ffn, lowrank, cross_attn]"),
         ),
         Variant(
             "hetero_all_types",
             "heterogeneous experts: ffn + lowrank + cross_attn + channel_attn",
-            (*MP_ISMOE, "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]"),
+            (*MP_ISMOE, "moe.num_experts=4", "moe.expert_types=[ffn, lowrank, cross_attn, channel_attn]"),
         ),
     )
 }

@@ -60,4 +60,5 @@ def tiny_overrides(data_path: str, out_name: str = "tiny") -> list[str]:
         "side.num_heads=2",
         "quant.spsa_batches=1",
         "quant.spsa_steps=1",
+        "moe.num_experts=4",  # the tiny tests' budgets were set with 4 experts (the default is 8)
     ]

@@ -147,7 +147,7 @@ class MoEConfig:
     """ISMoE: the side FFNs become top-k experts routed with a prior from the backbone's salient token."""
 
     enabled: bool = True
-    num_experts: int = 4
+    num_experts: int = 8  # docs/capacity.md
     top_k: int = 2
     prior: bool = True
     prior_mode: str = "logits"  # logits (cos(h, r) / T added to router logits) | average (paper: (p + c) / 2)

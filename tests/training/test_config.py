@@ -25,7 +25,7 @@ def test_defaults_validate_and_match_the_design():
     cfg = load_config()
     assert cfg.train.method == "mp_ismoe" and cfg.quant.enabled and cfg.side.enabled and cfg.moe.enabled
     assert (cfg.quant.bits, cfg.quant.layernorm, cfg.quant.requant_base) == (8, "frozen", "reference")
-    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.routing) == (4, 2, "renorm")
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.routing) == (8, 2, "renorm")
     assert (cfg.moe.prior_mode, cfg.moe.prior_init, cfg.moe.salient, cfg.moe.upcycle, cfg.moe.dispatch) == (
         "logits",
         "kmeans",
@@ -75,7 +75,7 @@ def test_wrong_type_names_the_dotted_key(override, key):
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["moe.top_k=5"], "moe.top_k"),
+        (["moe.top_k=9"], "moe.top_k"),
         (["moe.num_experts=2", "moe.top_k=3"], "moe.top_k"),
         (["quant.bits=6"], "quant.bits"),
         (["quant.layernorm=partial"], "quant.layernorm"),
@@ -243,7 +243,7 @@ def test_shipped_configs_load():
         [],
         ["train.method=lora"],
         ["train.method=lst", "side.layers=[2]"],
-        ["moe.expert_types=[ffn, lowrank, ffn, channel_attn]"],
+        ["moe.num_experts=4", "moe.expert_types=[ffn, lowrank, ffn, channel_attn]"],
     ],
 )
 def test_round_trip_through_a_plain_dict(overrides):

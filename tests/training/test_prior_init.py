@@ -22,7 +22,7 @@ def test_spherical_kmeans_finds_separated_directions():
 
 def test_kmeans_init_spreads_the_prior_over_experts():
     """After k-means init the prior separates inputs: different sequences prefer different experts."""
-    cfg = load_config(overrides=["backbone.name=tiny", "side.reduction=2", "side.num_heads=2"])
+    cfg = load_config(overrides=["backbone.name=tiny", "side.reduction=2", "side.num_heads=2", "moe.num_experts=4"])
     model, _ = build_side_model(cfg, 2, FakeTokenizer("bert"), encoder=make_encoder("bert"))
     batches = [dict(zip(("input_ids", "attention_mask"), inputs(B=8, seed=s))) for s in range(4)]
     assert kmeans_prior_init_(model, batches, seed=0) == 3

@@ -199,7 +199,9 @@ def test_onnx_directory_is_a_complete_artifact(exported):
     assert manifest["precision"] == "int8-weight"
     assert not (run / "onnx-failed-parity.json").exists() and not list(run.glob(".tmp-*"))
     spec = load_io_spec(onnx_dir)
-    assert spec == io_spec_for(meta, "int8-weight")
+    assert spec == io_spec_for(meta, "int8-weight", exported[2].tap.encoder, ExportConfig(threads=1))
+    assert spec.vocab_size == 30522 and spec.max_positions == 512 and spec.profile["sequence"] == [2, 64, 128]
+    assert spec.backbone.input("input_ids").axes == ("batch", "sequence")
     sess = make_session(onnx_dir / "backbone.onnx")
     assert [i.name for i in sess.get_inputs()] == list(spec.tokenizer_outputs)
     assert [o.name for o in sess.get_outputs()] == ["hidden_states", "cls_states"]

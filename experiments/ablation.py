@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.report import absent, load_json
+from training.cli import add_set_argument
 from training.config import ConfigError, load_config
 
 from .harness import run_training
@@ -332,14 +333,7 @@ def parse_args(argv=None):
     p.add_argument("--config", type=Path, default=Path("configs/ablation.yaml"), help="base YAML config")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME", help="run only these variants")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override applied to every run, before the variant's own (repeatable)",
-    )
+    add_set_argument(p, "override applied to every run, before the variant's own (repeatable)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="train.device for every run")
     p.add_argument("--out-dir", type=Path, default=Path("runs/ablation"), help="runs go to OUT_DIR/<variant>/seed<s>")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="where ablation.md/.json/.png go")

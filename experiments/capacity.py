@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training.cli import add_set_argument
+
 from .harness import ROOT, run_training
 
 CONFIGS = {  # label: overrides over configs/default.yaml
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(p, "config override for every run (repeatable)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/capacity"))
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.add_argument("--threads", type=int, default=2)

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from training.cli import add_set_argument
 from training.config import METHOD_PRESETS, METHODS, ConfigError, load_config
 
 from .harness import ROOT, run_training
@@ -140,14 +141,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=list(TASKS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(NAMES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run, after the task's and the method's (repeatable)",
-    )
+    add_set_argument(p, "config override for every run, after the task's and the method's (repeatable)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="fix one method's rate (no tuning)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="runs: OUT/<task>/<method>/lr<x>/seed<s>")
     p.add_argument("--docs", type=Path, default=Path("docs"), help="where the report goes")

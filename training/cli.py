@@ -21,6 +21,11 @@ metrics.json, manifest.json), metrics.json, train_log.jsonl, curves.png
 """
 
 
+def add_set_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` config override every command that trains takes."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m training",
@@ -30,14 +35,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--config", type=Path, default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/default")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. train.epochs=1 (repeatable)",
-    )
+    add_set_argument(p, "override one config value, e.g. train.epochs=1 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (CI logs)")
     return p.parse_args(argv)
 

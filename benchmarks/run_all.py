@@ -184,15 +184,15 @@ def render(docs: Path, run_cmd: str, steps: dict) -> str:
         "file, machine, date and command; a section whose input is absent says so.",
         "",
     ]
-    from benchmarks import export_bench, gpu_inference, memory, serving_bench, soak
-    from experiments import ablation, report
+    from benchmarks import export_bench_report, gpu_inference, memory_report, serving_bench, soak
+    from experiments import ablation_report, report
 
     parts += section_runtimes(runtimes, docs, (runtimes or {}).get("command", run_cmd))
-    parts += export_bench.summary(docs, _status(steps, "export", "Not re-measured in this run"))
+    parts += export_bench_report.summary(docs, _status(steps, "export", "Not re-measured in this run"))
     parts += serving_bench.summary(
         docs, _status(steps, "serving", "Not re-measured in this run"), steps.get("serving", {}).get("command")
     )
-    for producer in (soak, memory, report, ablation, gpu_inference):  # each renders its own JSON
+    for producer in (soak, memory_report, report, ablation_report, gpu_inference):  # each renders its own JSON
         parts += producer.summary(docs)
     parts += [
         "## Regression",

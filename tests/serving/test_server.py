@@ -1,5 +1,6 @@
 """The tritonserver launcher without starting it (fast), and its startup errors (slow)."""
 
+import importlib.metadata
 import importlib.util
 import os
 import socket
@@ -65,7 +66,7 @@ def test_options_refuse_duplicate_ports(tmp_path):
 
 
 def test_numpy_2_is_refused(monkeypatch):
-    monkeypatch.setattr(srv.importlib.metadata, "version", lambda name: "2.1.0")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.1.0")
     with pytest.raises(ServerError, match="numpy<2"):
         srv.check_numpy()
     monkeypatch.undo()

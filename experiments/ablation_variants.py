@@ -51,6 +51,16 @@ VARIANTS = {
             (*MP_ISMOE, "quant.bits=4"),
         ),
         Variant(
+            "weights_4bit_noise_fixed",
+            "4-bit backbone weights, re-quantization noise fixed at its init",
+            (*MP_ISMOE, "quant.bits=4", "quant.noise=fixed"),
+        ),
+        Variant(
+            "weights_4bit_noise_none",
+            "4-bit backbone weights, no re-quantization events (static codes)",
+            (*MP_ISMOE, "quant.bits=4", "quant.noise=none"),
+        ),
+        Variant(
             "noise_fixed",
             "re-quantization noise fixed at its init (mu, rho not learned by SPSA)",
             (*MP_ISMOE, "quant.noise=fixed"),
@@ -109,6 +119,14 @@ TABLES = [
             ("mp_ismoe", "mixed: 8-bit weights, fp32 LN"),
             ("lst+ismoe", "full: fp32 weights"),
             ("weights_4bit", "low: 4-bit weights, fp32 LN"),
+        ],
+    ),
+    (
+        "GNP-IQ noise at 4 bits, where quantization error matters",
+        [
+            ("weights_4bit", "learned (SPSA, Adam steps)"),
+            ("weights_4bit_noise_fixed", "fixed"),
+            ("weights_4bit_noise_none", "none"),
         ],
     ),
     ("GNP-IQ noise", [("mp_ismoe", "learned (SPSA)"), ("noise_fixed", "fixed"), ("noise_none", "none")]),

@@ -77,6 +77,10 @@ def check_json(data: bytes, max_depth: int, infer: bool) -> str | None:
         return f"the request body is not valid JSON: {e}"
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         return 'an inference request must be a JSON object with an "inputs" list (KServe v2 protocol)'
+    try:  # a "\\ud800" escape is valid JSON but not Unicode text; Triton answers it with a 500
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string in the request holds a lone UTF-16 surrogate (\\ud800-\\udfff escape), which is not text"
     return None
 
 

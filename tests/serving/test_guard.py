@@ -30,6 +30,8 @@ def test_json_depth_counts_brackets_outside_strings(data, depth):
         (b'{"outputs": []}', True, '"inputs" list'),
         (b'{"outputs": []}', False, None),  # only /infer bodies must carry inputs
         (b'"just a string"', True, "JSON object"),
+        (b'{"inputs": [{"data": ["\\ud800"]}]}', True, "lone UTF-16 surrogate"),
+        (b'{"inputs": [{"data": ["\\ud83d\\ude00"]}]}', True, None),  # a surrogate pair is an emoji
     ],
 )
 def test_check_json(data, infer, message):

@@ -80,6 +80,11 @@ RAW_CASES = {  # case -> (request bytes for the task's infer path, expected stat
         400,
         "not valid JSON",
     ),
+    "an escaped lone surrogate in the JSON": (
+        lambda p: _raw(p, _infer_body(["x"]).replace('"x"', '"\\ud800"').encode()),
+        400,
+        "lone UTF-16 surrogate",
+    ),
     "chunked body": (
         lambda p: f"POST {p} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(),
         411,

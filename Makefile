@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
 
-.PHONY: setup setup-mpnet train export serve lint test test-fast compare bench regress ablate clean clean-runs help
+.PHONY: setup setup-mpnet train export serve lint test test-fast compare glue bench regress ablate clean clean-runs help
 
 help:
 	@sed -n '1,5p' Makefile; echo; grep -E '^[a-z0-9-]+:.*##' Makefile | sed 's/:.*##/:/'
@@ -55,8 +55,11 @@ test: setup ## the whole test suite (what CI runs)
 test-fast: setup ## unit tests only, no end-to-end
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-compare: setup ## full FT, LoRA, BitFit, LST, MP-ISMoE on one split -> docs/compare.md + png
+compare: setup ## every method on every task over paired seeds, rates tuned on validation -> docs/compare.md + png
 	$(BIN)/python -m experiments.compare --config $(CONFIG) $(ARGS)
+
+glue: setup ## the GLUE-shaped table: BoolQ (text pairs) and VADER (regression) per method -> docs/glue.md + png
+	$(BIN)/python -m experiments.compare --config $(CONFIG) --tasks boolq vader --report-name glue $(ARGS)
 
 ablate: setup ## the paper's ablation table (3 seeds) -> docs/ablation.md + png
 	$(BIN)/python -m experiments.ablation --config $(CONFIG) $(ARGS)

@@ -97,11 +97,9 @@ def plot(report: dict, png: Path) -> Path:
         ax.invert_yaxis()
         ax.set(xlabel="GiB (accounted)", title=f"batch {batch}, sequence {report['seq']}")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Training memory at the all-mpnet-base-v2 architecture, by category")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    from training.plots import save_figure
+
+    return save_figure(fig, png, "Training memory at the all-mpnet-base-v2 architecture, by category")
 
 
 def summary(docs: Path) -> list[str]:

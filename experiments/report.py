@@ -149,11 +149,9 @@ def plot(report: dict, png: Path) -> Path:
             title=task,
         )
         ax.invert_yaxis()
-    fig.suptitle(f"seeds {report['seeds']}; {report['environment']['date']}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    from training.plots import save_figure
+
+    return save_figure(fig, png, f"seeds {report['seeds']}; {report['environment']['date']}")
 
 
 def summary(docs: Path) -> list[str]:

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, out_png: Path, title: str) -> Path:
+def save_figure(fig, out_png: Path, title: str) -> Path:
+    """Title, tight layout, 110 dpi PNG, figure closed: how every plot of the project is written."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -35,7 +36,7 @@ def plot_curves(log_path: Path, out_png: Path, title: str = "") -> Path:
     ax1.set(xlabel="step", ylabel="training loss", title="loss")
     ax2.plot(epochs, accs, marker="o")
     ax2.set(xlabel="epoch", ylabel=f"validation {metric[4:]}", title=f"validation {metric[4:]}")
-    return _save(fig, out_png, title)
+    return save_figure(fig, out_png, title)
 
 
 def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -66,7 +67,7 @@ def plot_router(log_path: Path, out_png: Path, title: str = "") -> Path | None:
         ax.set(xlabel="epoch", title=label)
     axes[0].axhline(router[0]["blocks"][0]["entropy_uniform"], ls=":", c="grey", label="uniform")
     axes[0].legend(fontsize=6)
-    return _save(fig, out_png, title)
+    return save_figure(fig, out_png, title)
 
 
 def plot_noise(log_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -87,4 +88,4 @@ def plot_noise(log_path: Path, out_png: Path, title: str = "") -> Path | None:
     ax2.plot(x, [e["rel_error_after"] for e in events], marker="s", label="after")
     ax2.set(xlabel="re-quantization event", ylabel="relative error (Eq. 4)", title="quantization error")
     ax2.legend(fontsize=7)
-    return _save(fig, out_png, title)
+    return save_figure(fig, out_png, title)

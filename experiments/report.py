@@ -34,7 +34,7 @@ def task_table(task: str, t: dict, names: dict) -> list[str]:
         f"Metric: test {t['metric']} (x100), mean ± sample std over seeds. "
         f"MP-ISMoE − method: paired difference over seeds, 95% t-interval (* excludes 0).",
         "",
-        "| method | lr (tuned on val) | test | n | MP-ISMoE − method | peak memory GiB | step s | trainable params |",
+        "| method | lr | test | n | MP-ISMoE − method | peak memory GiB | step s | trainable params |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m, entry in ms.items():
@@ -45,7 +45,8 @@ def task_table(task: str, t: dict, names: dict) -> list[str]:
         s, f = summarize(vals), _first_ok(entry)
         diff = _diff_cell(ms[OURS], entry) if OURS in ms and m != OURS else ""
         lines.append(
-            f"| {names.get(m, m)} | {entry['lr']:g} | {100 * s.mean:.2f} ± {100 * s.std:.2f} | {s.n} | {diff} | "
+            f"| {names.get(m, m)} | {entry['lr']:g} {'(tuned on val)' if len(entry['tuning']) > 1 else '(fixed)'} | "
+            f"{100 * s.mean:.2f} ± {100 * s.std:.2f} | {s.n} | {diff} | "
             f"{f['peak_memory_gib']:.2f} | {f['step_time_s']:.3f} | {f['trainable_parameters']:,} |"
         )
     tuning = "; ".join(
@@ -112,8 +113,9 @@ def render_markdown(report: dict) -> str:
     lines += [
         "## Notes",
         "",
-        "- Learning rates: each method's grid (experiments/compare.py `LR_GRID`) trained at the first seed; the "
-        "best validation metric chose the rate (ties: the smaller); the test split played no part.",
+        '- Learning rates: "tuned on val": the method\'s grid (experiments/compare.py `LR_GRID`) trained at the '
+        'first seed and the best validation metric chose the rate (ties: the smaller); "fixed": set by `--lr`, '
+        "no tuning ran. The test split played no part in either.",
         "- Peak memory on CPU is the training process's peak RSS (Python, data, model, optimizer, activations); "
         "accounted training memory by category is in docs/memory.md.",
         *[f"- {n}" for n in report["notes"]],

@@ -286,12 +286,12 @@ def summary(docs: Path) -> list[str]:
         f"From `docs/serving_soak.json` ({r['date']}; command `{r['command']}`). Details: "
         "[serving_soak.md](serving_soak.md).",
         "",
-        "| phase | requests | concurrency | answered | rejected (busy) | failed | req/s |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | requests | concurrency | answered | rejected (busy) | failed | req/s | answered p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     out += [
-        f"| {name} | {p['requests']} | {p['concurrency']} | {p['ok']} | {p['busy']} | {p['failed']} | "
-        f"{p['throughput_rps']:.1f} |"
+        f"| {name} | {p['requests']} | {p['concurrency']} | {p['ok']['count']} | {p['busy']['count']} | "
+        f"{p['failed']['count']} | {p['throughput_rps']:.1f} | {p['ok'].get('p50_ms', '-')} / {p['ok'].get('p99_ms', '-')} |"
         for name, p in (("soak", r["soak"]), ("overload", r["overload"]))
     ]
     return out + ["", f"tritonserver restarts during the run: {r['restarts']}.", ""]

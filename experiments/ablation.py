@@ -28,7 +28,7 @@ from experiments.ablation_variants import TABLES, VARIANTS, Variant  # noqa: E40
 from training.cli import add_set_argument
 from training.config import ConfigError, load_config
 
-from .harness import run_training
+from .harness import run_training, training_command
 
 EPILOG = (
     "variants:\n"
@@ -125,17 +125,7 @@ def main(argv=None) -> int:
     t0, results = time.perf_counter(), {n: [] for n in names}
     for i, ((name, seed), overrides) in enumerate(runs.items(), 1):
         out = args.out_dir / name / f"seed{seed}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "training",
-            "--config",
-            str(args.config),
-            "--out",
-            str(out),
-            *[a for o in overrides for a in ("--set", o)],
-            "--no-progress",
-        ]
+        cmd = training_command(args.config, out, overrides)
         if args.collect:
             results[name].append({"seed": seed, **collect_one(cmd, out)})
             continue

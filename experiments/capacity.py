@@ -19,7 +19,7 @@ from pathlib import Path
 
 from training.cli import add_set_argument
 
-from .harness import ROOT, run_training
+from .harness import ROOT, run_training, training_command
 
 CONFIGS = {  # label: overrides over configs/default.yaml
     "r8 N4 (default)": [],
@@ -76,17 +76,9 @@ def main(argv=None) -> int:
             if (out / "metrics.json").is_file():
                 runs[seed] = json.loads((out / "metrics.json").read_text())
                 continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "training",
-                "--config",
-                str(ROOT / "configs" / "default.yaml"),
-                "--out",
-                str(out),
-                "--no-progress",
-                *[a for o in [*overrides, f"train.seed={seed}", *args.overrides] for a in ("--set", o)],
-            ]
+            cmd = training_command(
+                ROOT / "configs" / "default.yaml", out, [*overrides, f"train.seed={seed}", *args.overrides]
+            )
             r = run_training(cmd, out, f"{label}/seed{seed}", echo="[train] test")
             if r["status"] == "ok":
                 runs[seed] = r["metrics"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from training.cli import add_set_argument
 from training.config import METHOD_PRESETS, METHODS, ConfigError, load_config
 
-from .harness import ROOT, run_training
+from .harness import ROOT, run_training, training_command
 from .report import plot, render_markdown
 from .tasks import TASKS, metric_value
 
@@ -71,17 +71,7 @@ def run_dir(args, task: str, method: str, lr: float, seed: int) -> Path:
 
 def command(args, task: str, method: str, lr: float, seed: int) -> list[str]:
     sets = [*TASKS[task].overrides, *method_overrides(method, lr), f"train.seed={seed}", *args.overrides]
-    return [
-        sys.executable,
-        "-m",
-        "training",
-        "--config",
-        str(args.config),
-        "--out",
-        str(run_dir(args, task, method, lr, seed)),
-        *[a for o in sets for a in ("--set", o)],
-        "--no-progress",
-    ]
+    return training_command(args.config, run_dir(args, task, method, lr, seed), sets)
 
 
 def train(args, task: str, method: str, lr: float, seed: int) -> dict:

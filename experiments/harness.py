@@ -10,10 +10,26 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_command(config: Path, out: Path, overrides: list[str]) -> list[str]:
+    """`python -m training` for one run: the config, its directory, each override as a `--set`."""
+    return [
+        sys.executable,
+        "-m",
+        "training",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *[a for o in overrides for a in ("--set", o)],
+        "--no-progress",
+    ]
 
 
 def run_training(cmd: list[str], out: Path, label: str, log_name: str = "run.log", echo: str = "[train]") -> dict:

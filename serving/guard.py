@@ -77,11 +77,23 @@ def check_json(data: bytes, max_depth: int, infer: bool) -> str | None:
         return f"the request body is not valid JSON: {e}"
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         return 'an inference request must be a JSON object with an "inputs" list (KServe v2 protocol)'
-    try:  # a "\\ud800" escape is valid JSON but not Unicode text; Triton answers it with a 500
-        json.dumps(request, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
+    if SURROGATE_ESCAPE.search(data) and not _is_text(request):
         return "a string in the request holds a lone UTF-16 surrogate (\\ud800-\\udfff escape), which is not text"
     return None
+
+
+# A "\\ud800" escape is valid JSON but a lone one is not Unicode text (Triton answers it with a 500).
+# Only bodies holding such an escape are re-encoded: the common request pays one regex scan.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_text(request) -> bool:
+    """Whether every string in the parsed request encodes as UTF-8 (surrogate pairs do, lone halves not)."""
+    try:
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def error_response(status: int, message: str, close: bool = True, retry_after: int | None = None) -> bytes:

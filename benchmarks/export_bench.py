@@ -1,21 +1,26 @@
 """CPU latency of the exported graphs (ONNX Runtime) against PyTorch eager, on the same texts.
 
     python -m benchmarks.export_bench --run runs/default [--extra-onnx runs/default_w8a8/onnx]
-                                      [--threads 2 [1 ...]] [--repeats N]
+                                      [--threads 2 [1 ...]] [--repeats N] [--runs 3]
 
 Backbone + adapter, token ids in, logits out, at batch 1 and 32 with every sequence padded or
 truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl). Engines:
   torch int8      the checkpoint as trained: GNP-IQ int8 backbone dequantized on the fly (eager fp32)
   torch fp32      the same weights dequantized once into plain nn.Linear/nn.Embedding (reference)
-  ort P L1        onnx/backbone.onnx + adapter.onnx (P = their precision), accuracy level 1 (the default)
-  ort P L4        the same graphs at accuracy level 4 (int8 activations inside MatMulNBits)
-  ort Q L1        each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8)
+  ort P qdq       onnx/backbone.onnx + adapter.onnx (P = their precision) as exported (TensorRT's input)
+  ort P exact     the same files, int8 weights folded to float once at load (export/cpu_graph.py)
+  ort P int8      the same files, int8 GEMMs on the trained codes, activations quantized at run time
+                  (the one the server picks for this export is marked "(served)", from parity.json)
+  ort Q exact     each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8)
 torch and ONNX Runtime both run on --threads threads (default 2; several values give one table
 each). The engines take turns: --rounds rounds, each giving every engine --warmup untimed calls and
 then a block of --repeats/--rounds timed ones, so a slow spell of a shared machine hits all engines
 (the rounds stop early after --cell-seconds per engine, keeping >= 5 calls each). Each cell is the
-median and p90 of its timed calls; all ratios come from this one run. Also records backbone.onnx
-size against an fp32 export and each engine's max |logits - torch int8| on the timed batch.
+median and p90 of its timed calls. The whole measurement runs --runs times; a cell reports the
+median over runs and every run's own ratio to torch fp32 (the spread). Also records backbone.onnx
+size against an fp32 export, each engine's max |logits - torch int8| on the timed batch, the
+held-out accuracy of each graph from the exports' parity.json, and the CPU's instruction sets
+(int8 kernels differ between AVX2, AVX512-VNNI and AMX).
 Writes --out-json and --out-md.
 
 Contention probe: where other processes hold the cores, a multi-threaded op waits for its other
@@ -48,8 +53,31 @@ from benchmarks.export_bench_report import (  # noqa: E402
     table_section,
     write_markdown,
 )
+from export.cpu_graph import RUNTIMES
 
 BATCHES = (1, 32)
+
+
+def cpu_isa() -> str:
+    """The instruction sets int8 and fp32 kernels pick from, as /proc/cpuinfo names them."""
+    wanted = {
+        "avx2": "AVX2",
+        "avx512f": "AVX-512",
+        "avx512_vnni": "AVX512-VNNI",
+        "avx_vnni": "AVX-VNNI",
+        "avx512_bf16": "AVX512-BF16",
+        "amx_int8": "AMX-INT8",
+        "amx_bf16": "AMX-BF16",
+    }
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(name for flag, name in wanted.items() if flag in flags) or "none of AVX2/AVX-512/VNNI/AMX"
 
 
 def cpu_model() -> str:
@@ -143,15 +171,20 @@ def torch_engines(model) -> dict:
     return {"torch int8": runner(model), "torch fp32": runner(fp32)}
 
 
-def ort_engines(onnx_dir: Path, threads: int, levels=(1, 4)) -> dict:
-    """backbone.onnx -> adapter.onnx at each accuracy level: batch -> logits."""
+def ort_engines(onnx_dir: Path, threads: int, runtimes=RUNTIMES) -> dict:
+    """backbone.onnx -> adapter.onnx as each CPU runtime runs them (export/cpu_graph.py): batch -> logits.
+
+    Named `ort <precision> <runtime>`; the runtime the server picks for this export (parity.json) is
+    marked `(served)`.
+    """
     from export.ort_session import make_session
 
     engines = {}
     precision = _manifest_precision(onnx_dir) or "onnx"
-    for level in levels:
-        backbone = make_session(onnx_dir / "backbone.onnx", threads, level)
-        adapter = make_session(onnx_dir / "adapter.onnx", threads, level)
+    served = _served_runtime(onnx_dir)
+    for runtime in runtimes:
+        backbone = make_session(onnx_dir / "backbone.onnx", threads, runtime=runtime)
+        adapter = make_session(onnx_dir / "adapter.onnx", threads, runtime=runtime)
         names = [i.name for i in backbone.get_inputs()]
 
         def run(batch, backbone=backbone, adapter=adapter, names=names):
@@ -161,8 +194,34 @@ def ort_engines(onnx_dir: Path, threads: int, levels=(1, 4)) -> dict:
                 None, {"hidden_states": hs, "cls_states": cls, "attention_mask": feeds["attention_mask"]}
             )[0]
 
-        engines[f"ort {precision} L{level}"] = run
+        engines[f"ort {precision} {runtime}{' (served)' if runtime == served else ''}"] = run
     return engines
+
+
+def _served_runtime(onnx_dir: Path) -> str | None:
+    report = onnx_dir / "parity.json"
+    return json.loads(report.read_text()).get("served_runtime") if report.is_file() else None
+
+
+def export_accuracy(onnx_dir: Path) -> dict:
+    """Held-out metric of PyTorch and of each ONNX Runtime graph the export's parity gate ran (parity.json)."""
+    report = onnx_dir / "parity.json"
+    if not report.is_file():
+        return {}
+    raw = json.loads(report.read_text())
+    out = {"precision": raw.get("precision"), "served_runtime": raw.get("served_runtime")}
+    for key, p in raw.get("parity", {}).items():
+        e = p["end_to_end"]
+        out[key] = {
+            "runtime": p.get("runtime", "qdq"),
+            "metric": e["metric"],
+            "pytorch": e["metric_pytorch"],
+            "onnxruntime": e["metric_onnxruntime"],
+            "label_agreement": e["label_agreement"],
+            "rows": p["rows"],
+            "passed": p["passed"],
+        }
+    return out
 
 
 def backbone_sizes(run: Path, model, meta: dict) -> dict:
@@ -256,16 +315,47 @@ def measure(
     return rows
 
 
+def combine_runs(runs: list[list[dict]]) -> list[dict]:
+    """Per (batch, engine): the median over runs of each run's median, with every run's figures kept.
+
+    Each run's ratio to torch fp32 comes from that run alone; `ratio_runs` lists them, so the
+    spread between runs is read off the table rather than assumed.
+    """
+    out = []
+    for cells in zip(*runs):
+        first = dict(cells[0])
+        medians = [c["median_ms"] for c in cells]
+        ratios = [c["latency_ratio_vs_torch_fp32"] for c in cells]
+        first.update(
+            median_ms=statistics.median(medians),
+            p90_ms=statistics.median(c["p90_ms"] for c in cells),
+            repeats=sum(c["repeats"] for c in cells),
+            median_ms_runs=medians,
+            ratio_runs=ratios,
+            latency_ratio_vs_torch_fp32=statistics.median(ratios),
+            speedup_vs_torch_fp32=statistics.median(c["speedup_vs_torch_fp32"] for c in cells),
+            speedup_vs_torch_int8=statistics.median(c["speedup_vs_torch_int8"] for c in cells),
+            max_abs_logits_vs_torch_int8=max(c["max_abs_logits_vs_torch_int8"] for c in cells),
+        )
+        first["sequences_per_s"] = 1e3 * first["batch"] / first["median_ms"]
+        out.append(first)
+    return out
+
+
 def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
-    """One table per thread count, each bracketed by a contention probe."""
+    """One table per thread count, each bracketed by a contention probe; --runs measurements combined."""
     tables = []
     for n in a.threads:
         torch.set_num_threads(n)
         before = contention_probe(n)
         engines = {**torch_fns, **ort_engines(a.run / "onnx", n)}
         for extra in a.extra_onnx:
-            engines.update(ort_engines(extra, n, levels=(1,)))
-        results = measure(engines, batches, a.repeats, a.warmup, a.cell_seconds, a.rounds)
+            engines.update(ort_engines(extra, n, runtimes=("exact",)))
+        runs = []
+        for i in range(a.runs):
+            print(f"[bench] {n} thread(s): run {i + 1} of {a.runs}")
+            runs.append(measure(engines, batches, a.repeats, a.warmup, a.cell_seconds, a.rounds))
+        results = combine_runs(runs)
         tables.append({"threads": n, "probe_before": before, "probe_after": contention_probe(n), "results": results})
     return tables
 
@@ -282,11 +372,14 @@ def parse_args(argv=None):
         type=Path,
         nargs="*",
         default=[],
-        help="more export directories of the same checkpoint to time at accuracy level 1 "
+        help="more export directories of the same checkpoint to time (their `exact` runtime) "
         "(e.g. a w8a8 export: runs/default_w8a8/onnx)",
     )
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per engine and batch size")
+    p.add_argument(
+        "--runs", type=int, default=3, help="repeat the whole measurement this many times; the table gives the spread"
+    )
     p.add_argument("--rounds", type=int, default=4, help="the engines take turns in this many blocks of calls")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before each block")
     p.add_argument("--cell-seconds", type=float, default=30.0, help="stop a cell after this long (>= 5 repeats)")
@@ -323,6 +416,7 @@ def main(argv=None) -> int:
     env = {
         "machine": f"{platform.node()} {platform.machine()}",
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "versions": versions(),
@@ -344,6 +438,8 @@ def main(argv=None) -> int:
         "environment": env,
         "measure_time_s": time.perf_counter() - t0,
         "sizes": backbone_sizes(a.run, model, meta),
+        "accuracy": {str(d): export_accuracy(d) for d in [a.run / "onnx", *a.extra_onnx]},
+        "runs": a.runs,
         "tables": tables,
         "note": a.note,
     }

@@ -76,7 +76,7 @@ def measure_runtimes(run: Path, requests: int, warmup: int, threads: int | None,
 
     data = load_heldout(run)
     pt = PyTorchClassifier(run / "checkpoint", threads)
-    ort = {level: InProcessClassifier(run, threads or 0, level) for level in (1, 4)}
+    ort = {level: InProcessClassifier(run, threads or 0, level, runtime="qdq") for level in (1, 4)}
     logits = {
         "PyTorch eager": in_chunks(pt.logits, data.texts, data.pairs),
         "ORT level 1": in_chunks(ort[1].logits, data.texts, data.pairs),

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import absent, load_json
+from export.cpu_graph import RUNTIMES
 from serving.client import Client
 from serving.config import ServeConfig
 from serving.reference import InProcessClassifier
@@ -129,7 +130,9 @@ def run_benchmark(
 ) -> dict:
     """Measure everything; start a server on free 127.0.0.1 ports unless `url` is given."""
     cfg = cfg or ServeConfig()
-    reference = InProcessClassifier(run, threads=cfg.ort_threads, accuracy_level=cfg.accuracy_level)
+    reference = InProcessClassifier(
+        run, threads=cfg.ort_threads, accuracy_level=cfg.accuracy_level, runtime=cfg.cpu_runtime
+    )
     task = reference.run.task
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
         server = None
@@ -155,6 +158,7 @@ def run_benchmark(
         "examples": len(texts),
         "results": rows,
         "serve_config": cfg.to_dict(),
+        "cpu_runtime": reference.runtime,  # what `auto` resolved to: the graph the server ran
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
 
@@ -165,7 +169,8 @@ def to_markdown(result: dict) -> str:
         "",
         f"One example per request; {result['results'][0]['in_process']['requests']} requests per cell; "
         f"Triton over {result['protocol']} on 127.0.0.1; {result['machine']['cpus']} CPUs "
-        f"({result['machine']['platform']}). Ratios are Triton / in-process from the same run.",
+        f"({result['machine']['platform']}). Ratios are Triton / in-process from the same run. "
+        f"ONNX Runtime CPU graph: `{result.get('cpu_runtime', 'qdq')}` (export/cpu_graph.py).",
         "",
         "| concurrency | path | p50 ms | p99 ms | req/s |",
         "|---|---|---|---|---|",
@@ -233,12 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="use a running server at host:port instead of starting one")
     p.add_argument("--max-queue-delay-us", type=int, default=ServeConfig.max_queue_delay_us)
     p.add_argument("--ort-threads", type=int, default=0)
+    p.add_argument(
+        "--cpu-runtime",
+        choices=("auto", *RUNTIMES),
+        default="auto",
+        help="graph ONNX Runtime serves (export/cpu_graph.py); auto: what the export's parity gate chose",
+    )
     p.add_argument("--out-dir", default=str(PROJECT_ROOT / "docs"))
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 100_000:
         p.error("--requests must be in [1, 100000]")
     texts, pairs, source = load_texts(Path(args.run), args.texts)
-    cfg = ServeConfig(max_queue_delay_us=args.max_queue_delay_us, ort_threads=args.ort_threads)
+    cfg = ServeConfig(
+        max_queue_delay_us=args.max_queue_delay_us, ort_threads=args.ort_threads, cpu_runtime=args.cpu_runtime
+    )
     result = run_benchmark(
         args.run,
         texts,

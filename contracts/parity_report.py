@@ -143,6 +143,7 @@ class ParityResult:
     route_flips: list[RouteFlip] = field(default_factory=list)  # the first ones, adapter then end to end
     passed: bool = True
     failures: list[str] = field(default_factory=list)
+    runtime: str = "qdq"  # export.cpu_graph: the graph as exported (qdq) or a CPU rewrite of it (exact, int8)
 
 
 @dataclass
@@ -156,7 +157,8 @@ class ExportReport:
     sizes: dict[str, float] = field(default_factory=dict)
     tensorrt_check: dict[str, list] = field(default_factory=dict)
     lint: dict[str, dict] = field(default_factory=dict)
-    parity: dict[str, ParityResult] = field(default_factory=dict)  # "accuracy_level_1" (the gate), "_4"
+    parity: dict[str, ParityResult] = field(default_factory=dict)  # "accuracy_level_1", "cpu_exact", "cpu_int8"
+    served_runtime: str = "exact"  # the CPU graph the server runs (export.pipeline.SERVED_RUNTIME)
     polygraphy_run: dict[str, dict] = field(default_factory=dict)
     tensorrt: dict = field(default_factory=dict)
     export_time_s: float = 0.0

@@ -2,8 +2,15 @@
 
 At ORT_ENABLE_EXTENDED and above, ORT fuses DequantizeLinear -> MatMul into MatMulNBits. With
 accuracy level 4 that kernel quantizes activations to int8 (about 0.6% relative error); level 1
-keeps fp32 activations and matches PyTorch. Default: level 1 (exact, what parity is checked at);
-level 4 is an opt-in speed mode whose accuracy cost the export stage measures.
+keeps fp32 activations and matches PyTorch. Default: level 1 (exact, what parity is checked at).
+
+`runtime` picks the graph run on CPU (`export.cpu_graph`): `qdq` the exported file as it is,
+`exact` int8 weights folded to float once at load, `int8` int8 GEMMs on the trained codes. Two
+options were measured on the default MiniLM export (2-core Sapphire Rapids VM, docs/export_bench.md):
+- intra-op threads do not spin between calls: with two sessions (backbone, adapter) or another
+  runtime taking turns on two cores, spinning threads took 45 ms at batch 1 against 26 without;
+- SkipLayerNormalization fusion is off: that kernel took 47 ms per batch-32 backbone call, its
+  unfused LayerNormalization + Add 10 + 31 ms less in total (ONNX Runtime 1.32).
 """
 
 from __future__ import annotations
@@ -11,10 +18,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
+
+from .cpu_graph import RUNTIMES, cpu_graph
 
 EXACT_ACCURACY_LEVEL = 1
 FAST_ACCURACY_LEVEL = 4
+DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
 def session_options(threads: int | None = None, accuracy_level: int = EXACT_ACCURACY_LEVEL) -> ort.SessionOptions:
@@ -23,6 +34,7 @@ def session_options(threads: int | None = None, accuracy_level: int = EXACT_ACCU
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -35,10 +47,19 @@ def make_session(
     threads: int | None = None,
     accuracy_level: int = EXACT_ACCURACY_LEVEL,
     providers: list[str] | None = None,
+    runtime: str = "qdq",
 ) -> ort.InferenceSession:
-    """Open `path` on the given providers (CPU by default) with the project's session options."""
+    """Open `path` on the given providers (CPU by default), rewritten for `runtime`, with the project's options."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX model {path} does not exist: run `make export` first")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     providers = providers or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=session_options(threads, accuracy_level), providers=providers)
+    source = str(path) if runtime == "qdq" else cpu_graph(onnx.load(str(path)), runtime)[0].SerializeToString()
+    return ort.InferenceSession(
+        source,
+        sess_options=session_options(threads, accuracy_level),
+        providers=providers,
+        disabled_optimizers=DISABLED_OPTIMIZERS,
+    )

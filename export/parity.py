@@ -241,21 +241,24 @@ def check_parity(
     batch_size: int = 64,
     gate: ParityGate | None = None,
     task_type: str = "classification",
+    runtime: str = "qdq",
 ) -> ParityResult:
-    """Run the checkpoint and the two ONNX graphs on `rows`; return the judged parity result."""
+    """Run the checkpoint and the two ONNX graphs (as `runtime` runs them) on `rows`; return the judged result."""
     gate = gate or GATES[precision]
     model.eval()
     blocks = moe_blocks(model)
-    backbone = make_session(backbone_path, threads, accuracy_level)
+    backbone = make_session(backbone_path, threads, accuracy_level, runtime=runtime)
     inputs = [i.name for i in backbone.get_inputs()]
     tally = _Tally()
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         route_names = expose_routes(Path(adapter_path), Path(tmp) / "adapter_routes.onnx")
-        adapter = make_session(Path(tmp) / "adapter_routes.onnx", threads, accuracy_level)
+        adapter = make_session(Path(tmp) / "adapter_routes.onnx", threads, accuracy_level, runtime=runtime)
         loader = make_loader(to_examples(rows, labels), tokenizer, max_length, batch_size, shuffle=False)
         offset = 0
         for batch in loader:
             feeds = {k: batch[k].numpy() for k in inputs}
             _compare_batch(model, blocks, backbone, adapter, route_names, feeds, batch["labels"].numpy(), offset, tally)
             offset += len(batch["labels"])
-    return _result(tally, gate, accuracy_level, [r["text"] for r in rows], labels, task_type)
+    result = _result(tally, gate, accuracy_level, [r["text"] for r in rows], labels, task_type)
+    result.runtime = runtime
+    return result

@@ -10,6 +10,12 @@ from contracts.parity_report import ExportReport
 
 from .ort_session import EXACT_ACCURACY_LEVEL
 
+PARITY_ROLES = {
+    f"accuracy_level_{EXACT_ACCURACY_LEVEL}": "the exported graph, TensorRT's input: gate",
+    "cpu_exact": "CPU graph, int8 weights folded to float: gate",
+    "cpu_int8": "CPU graph, int8 GEMMs: opt-in, judged by accuracy",
+}
+
 
 def gate_failures(report: ExportReport) -> list[str]:
     """The checks that fail an export: TensorRT compatibility errors, lint errors, parity (level 1), polygraphy."""
@@ -22,6 +28,8 @@ def gate_failures(report: ExportReport) -> list[str]:
         if not lint["passed"]:
             failures.append(f"{g}.onnx: polygraphy lint: {lint.get('errors')}")
     failures += [f"parity: {f}" for f in report.gated(EXACT_ACCURACY_LEVEL).failures]
+    if "cpu_exact" in report.parity:
+        failures += [f"parity (CPU exact graph): {f}" for f in report.parity["cpu_exact"].failures]
     for g, r in report.polygraphy_run.items():
         if "passed" in r and not r["passed"]:
             failures.append(f"polygraphy run --onnxrt on {g}.onnx failed: {r['log_tail'][-300:]}")
@@ -58,7 +66,7 @@ def format_report(report: ExportReport) -> str:
     lines = [f"{'check':<52} {'result':>16}", "-" * 69]
     for lvl, p in report.parity.items():
         e, a = p.end_to_end, p.adapter
-        lines.append(f"{lvl}{' (the gate)' if lvl.endswith(str(EXACT_ACCURACY_LEVEL)) else ' (reported)'}")
+        lines.append(f"{lvl} ({PARITY_ROLES.get(lvl, 'reported')}{'' if p.passed else ', FAILED'})")
         for name, t in p.backbone.items():
             lines.append(f"  {'backbone ' + name + ' max rel error':<50} {t.max_rel:>16.3g}")
         lines.append(f"  {'adapter logits error, routes forced':<50} {a.forced_route_max_abs:>16.3g}")
@@ -93,5 +101,6 @@ def format_report(report: ExportReport) -> str:
         lines.append(f"  {report.tensorrt.get('note', '')}")
     if report.accepted_overrides:
         lines.append(f"accepted limits (--accept): {report.accepted_overrides}")
+    lines.append(f"{'served on CPU by ONNX Runtime (export.cpu_graph)':<52} {report.served_runtime:>16}")
     lines.append(f"{'overall':<52} {'PASSED' if report.passed else 'FAILED':>16}")
     return "\n".join(lines)

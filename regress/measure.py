@@ -292,7 +292,7 @@ def measure(run: str | Path, opts: Options) -> Figures:
     pt = in_chunks(pytorch.logits, data.texts, data.pairs)  # (N, C)
     with _reading(data.export.graph("backbone"), "re-run `make export`"):
         inproc = InProcessClassifier(data.run, opts.threads or 0, EXACT_ACCURACY_LEVEL)
-        fast = InProcessClassifier(data.run, opts.threads or 0, FAST_ACCURACY_LEVEL)
+        fast = InProcessClassifier(data.run, opts.threads or 0, FAST_ACCURACY_LEVEL, runtime="qdq")
         ort1, ort4 = in_chunks(inproc.logits, data.texts, data.pairs), in_chunks(fast.logits, data.texts, data.pairs)
     m[f"{data.metric}.pytorch"], m[f"{data.metric}.onnxruntime"] = data.score(pt), data.score(ort1)
     m[f"{data.metric}.onnxruntime_level4"] = data.score(ort4)

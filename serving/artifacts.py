@@ -9,6 +9,7 @@ e.g. backbone.sm90.trt10.8.plan; sm100 is compute capability 10.0) or plainly `<
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,19 @@ class ExportedRun:
     @property
     def task(self) -> str:
         return self.spec.task
+
+    def served_runtime(self, requested: str = "auto") -> str:
+        """The CPU runtime to serve this export with: `requested`, or for auto parity.json's served_runtime.
+
+        An export from before that choice existed (no key) is served exact, the rewrite equal to the checkpoint.
+        """
+        if requested != "auto":
+            return requested
+        report = self.export_dir / "parity.json"
+        try:
+            return json.loads(report.read_text()).get("served_runtime", "exact")
+        except (OSError, ValueError, AttributeError):
+            return "exact"
 
     def graph(self, name: str) -> Path:
         return self.export_dir / f"{name}.onnx"

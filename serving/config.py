@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from export.cpu_graph import RUNTIMES
 from export.ort_session import EXACT_ACCURACY_LEVEL
 from training.config import ConfigError
 
@@ -52,6 +53,12 @@ class ServeConfig:
     accuracy_level: int = _opt(
         EXACT_ACCURACY_LEVEL, "MatMulNBits accuracy level: 1 exact (default), 4 faster, int8 activations"
     )
+    cpu_runtime: str = _opt(
+        "auto",
+        "graph ONNX Runtime runs (export/cpu_graph.py): auto (each export's parity.json served_runtime, "
+        "today exact) | exact (int8 weights folded to float once at load) | int8 (int8 GEMMs; check the "
+        "export's cpu_int8 gate in parity.json first) | qdq (the exported graph as is, slowest)",
+    )
     warmup: bool = _opt(True, "Triton model_warmup on every non-ensemble model before the server reports ready")
     warmup_seq_len: int = _opt(16, "sequence length of the backbone/adapter warmup batch")
     max_queue_size: int = _opt(128, "requests that may wait in each model's queue; more are rejected at once")
@@ -82,6 +89,11 @@ class ServeConfig:
         _check(self.ort_threads >= 0, "serve.ort_threads", f"must be >= 0 (0 = default), got {self.ort_threads}")
         _check(
             self.accuracy_level in (0, 1, 2, 3, 4), "serve.accuracy_level", f"must be 0-4, got {self.accuracy_level}"
+        )
+        _check(
+            self.cpu_runtime in ("auto", *RUNTIMES),
+            "serve.cpu_runtime",
+            f"must be auto or one of {list(RUNTIMES)}, got {self.cpu_runtime!r}",
         )
         _check(self.warmup_seq_len >= 2, "serve.warmup_seq_len", f"must be >= 2, got {self.warmup_seq_len}")
         _check(

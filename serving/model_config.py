@@ -110,13 +110,24 @@ def tokenizer_config(name: str, spec: IOSpec, cfg: ServeConfig, tokenizer_dir: s
 
 
 def onnx_python_config(
-    name: str, io: ModelIO, cfg: ServeConfig, instances: int, onnx_file: str, limits: dict[str, int] | None = None
+    name: str,
+    io: ModelIO,
+    cfg: ServeConfig,
+    instances: int,
+    onnx_file: str,
+    limits: dict[str, int] | None = None,
+    runtime: str = "exact",
 ) -> mc.ModelConfig:
-    """CPU target: a python-backend model that runs `onnx_file` with ONNX Runtime.
+    """CPU target: a python-backend model that runs `onnx_file` with ONNX Runtime, rewritten for `runtime`.
 
     `limits` (max_length, vocab_size, type_vocab_size) bound what a direct caller may send.
     """
-    params = {"onnx_file": onnx_file, "threads": cfg.ort_threads, "accuracy_level": cfg.accuracy_level}
+    params = {
+        "onnx_file": onnx_file,
+        "threads": cfg.ort_threads,
+        "accuracy_level": cfg.accuracy_level,
+        "runtime": runtime,
+    }
     config = _python(_base(name, cfg, instances), {**params, **(limits or {})})
     _add_io(config, io, ragged=True)  # the python model pads requests of different lengths itself
     _dynamic_batching(config, cfg)

@@ -105,9 +105,10 @@ class OnnxRunner:
         threads: int | None = None,
         accuracy_level: int = EXACT_ACCURACY_LEVEL,
         limits: InputLimits = InputLimits(),
+        runtime: str = "exact",
     ):
         self.limits = limits
-        self.session = make_session(path, threads=threads or None, accuracy_level=accuracy_level)
+        self.session = make_session(path, threads=threads or None, accuracy_level=accuracy_level, runtime=runtime)
         self.inputs, self.outputs = tuple(inputs), tuple(outputs)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}

@@ -15,12 +15,15 @@ from serving.tokenize import TextTokenizer
 class InProcessClassifier:
     """tokenizer -> backbone -> adapter -> softmax on one export, same code and options as the server."""
 
-    def __init__(self, run: str | Path, threads: int = 0, accuracy_level: int = EXACT_ACCURACY_LEVEL):
+    def __init__(
+        self, run: str | Path, threads: int = 0, accuracy_level: int = EXACT_ACCURACY_LEVEL, runtime: str = "auto"
+    ):
         self.run = load_run(run)
         spec = self.run.spec
+        self.runtime = self.run.served_runtime(runtime)  # auto: what the server runs for this export
         self.tokenizer = TextTokenizer(self.run.export_dir / TOKENIZER_DIR, spec.max_length, spec.tokenizer_outputs)
-        self.backbone = make_session(self.run.graph("backbone"), threads or None, accuracy_level)
-        self.adapter = make_session(self.run.graph("adapter"), threads or None, accuracy_level)
+        self.backbone = make_session(self.run.graph("backbone"), threads or None, accuracy_level, runtime=self.runtime)
+        self.adapter = make_session(self.run.graph("adapter"), threads or None, accuracy_level, runtime=self.runtime)
         self.decoder = decoder(spec.labels, spec.task_type)
 
     def logits(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:

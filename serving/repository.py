@@ -178,6 +178,12 @@ def _limits(runs: list[ExportedRun], graph: str) -> dict[str, int]:
     return {k: (max if k == "max_length" else min)(e[k] for e in each) for k in each[0]}
 
 
+def _runtime(runs: list[ExportedRun], cfg: ServeConfig) -> str:
+    """The CPU runtime of a graph the runs share: theirs where they agree, else exact (gated for every export)."""
+    chosen = {r.served_runtime(cfg.cpu_runtime) for r in runs}
+    return chosen.pop() if len(chosen) == 1 else "exact"
+
+
 def _write_graph(
     root: Path, name: str, graph: str, runs: list[ExportedRun], cfg: ServeConfig, notes: list[str]
 ) -> None:
@@ -188,7 +194,11 @@ def _write_graph(
     if cfg.warmup:
         _write_warmup(d, mcfg.graph_warmup_files(io, cfg))
     if cfg.target == "cpu":
-        _write_config(d, mcfg.onnx_python_config(name, io, cfg, instances, run.graph(graph).name, _limits(runs, graph)))
+        runtime = _runtime(runs, cfg)
+        _write_config(
+            d, mcfg.onnx_python_config(name, io, cfg, instances, run.graph(graph).name, _limits(runs, graph), runtime)
+        )
+        notes.append(f"{name}: ONNX Runtime {runtime} graph (serve.cpu_runtime={cfg.cpu_runtime})")
         _python_model(d, "onnx")
         for f in run.graph_files(graph):
             _copy(f, d / "1" / f.name)

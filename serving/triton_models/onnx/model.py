@@ -27,6 +27,7 @@ class TritonPythonModel:
             pm.tensor_specs(config, "output"),
             threads=int(params["threads"]),
             accuracy_level=int(params["accuracy_level"]),
+            runtime=params.get("runtime", "exact"),
             limits=InputLimits.from_parameters(params),
         )
 

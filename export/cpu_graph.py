@@ -1,0 +1,233 @@
+"""The graph ONNX Runtime serves on CPU, rewritten at load from the exported (TensorRT-facing) graph.
+
+The exported `backbone.onnx` is what TensorRT needs: symmetric int8 DequantizeLinear -> MatMul plus
+an exact rank-1 zero-point correction (`export.qdq`). ONNX Runtime's CPU kernels run that pattern
+slowly (the weights are dequantized on every call, the correction is three more ops per linear,
+and the dynamo attention gets no fusion). The file on disk stays as exported (int8); at session
+creation one of these rewrites builds the graph actually run:
+
+- `exact`: each int8 linear becomes one MatMul on float weights s * (q - z) computed once
+  (the trained function, rounding only);
+- `int8`: each int8 linear becomes com.microsoft MatMulNBits (bits 8) on the trained uint8 codes
+  and zero points, one scale per row repeated over its blocks of K (so the weights are exactly the
+  trained ones), the bias folded in, accuracy level 4: activations are quantized to int8 per row
+  and block of K at run time and int8 GEMM kernels (VNNI, AMX) run, at an accuracy cost the
+  export's parity gate measures. Per row, not per tensor: a request's answer does not depend on
+  what else the dynamic batcher merged into its batch (DynamicQuantizeMatMul's per-tensor scale
+  would; it changed hidden states by up to 1.1 between a row alone and in a batch);
+- both: MatMul-Softmax-MatMul attention becomes com.microsoft MultiHeadAttention.
+`qdq` runs the exported graph unchanged. The parity gate runs each rewrite it may serve
+(`export.pipeline`), so what is served is what was checked. Rewrites that find nothing to rewrite
+(an fp32 adapter's linears, a w8a8 graph's QDQ) leave those parts as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+RUNTIMES = ("qdq", "exact", "int8")
+INT8_ACCURACY_LEVEL = 4  # MatMulNBits: quantize A to int8 per row and block of K, run int8 GEMMs
+MS_DOMAIN = "com.microsoft"
+
+
+class _Graph:
+    """Lookups over one graph: initializers, producers, consumers."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.inits = {i.name: i for i in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.users: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.users.setdefault(i, []).append(n)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def made_by(self, name: str, op: str) -> onnx.NodeProto:
+        node = self.producer.get(name)
+        if node is None or node.op_type != op:
+            raise LookupError(f"{name} is not made by {op}")
+        return node
+
+    def add_const(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def replace(self, old: list[onnx.NodeProto], new: onnx.NodeProto) -> None:
+        """Put `new` where the last of `old` was (its inputs exist by then) and drop `old`."""
+        at = max(list(self.graph.node).index(n) for n in old)
+        self.graph.node.insert(at, new)
+        for n in old:
+            self.graph.node.remove(n)
+
+
+def _int8_linears(g: _Graph) -> list[dict]:
+    """Every `MatMul(x, DQ(q', s)) + ReduceSum(x) * corr [+ bias]` of `export.qdq.SymmetricInt8Linear`."""
+    found = []
+    for add in [n for n in g.graph.node if n.op_type == "Add"]:
+        try:
+            mm = next(g.producer[i] for i in add.input if i in g.producer and g.producer[i].op_type == "MatMul")
+            mul = next(g.producer[i] for i in add.input if i in g.producer and g.producer[i].op_type == "Mul")
+            dq = g.made_by(mm.input[1], "DequantizeLinear")
+            corr = next(i for i in mul.input if i in g.inits)
+            reduce = g.made_by(next(i for i in mul.input if i != corr), "ReduceSum")
+        except (StopIteration, LookupError):
+            continue
+        q, s = g.const(dq.input[0]), g.const(dq.input[1])
+        if reduce.input[0] != mm.input[0] or q is None or s is None or q.ndim != 2 or len(dq.input) > 2:
+            continue
+        nodes, out, bias = [add, mm, mul, dq], add.output[0], None
+        (user, *more) = g.users.get(out, [None])
+        if user is not None and not more and user.op_type == "Add":
+            b = next((g.const(i) for i in user.input if i in g.inits), None)
+            if b is not None and b.shape == (q.shape[1],):
+                nodes, out, bias = nodes + [user], user.output[0], b.astype(np.float32)
+        found.append(dict(nodes=nodes, x=mm.input[0], q=q, s=s, corr=g.const(corr), bias=bias, out=out))
+    return found
+
+
+def _rewrite_linears(g: _Graph, runtime: str) -> int:
+    linears = _int8_linears(g)
+    for i, lin in enumerate(linears):
+        name, q, s = f"cpu_linear_{i}", lin["q"], lin["s"].astype(np.float32)  # q (in, out) int8, s (out,)
+        bias = lin["bias"] if lin["bias"] is not None else np.zeros(q.shape[1], np.float32)
+        if runtime == "exact":
+            w = q.astype(np.float32) * s + lin["corr"].astype(np.float32)  # (in, out) = s * (q - z), once
+            node = helper.make_node("MatMul", [lin["x"], g.add_const(name + "_w", w)], [name + "_y"], name=name)
+            add = helper.make_node("Add", [name + "_y", g.add_const(name + "_b", bias)], [lin["out"]], name=name + "_b")
+            g.replace(lin["nodes"], add)
+            g.graph.node.insert(list(g.graph.node).index(add), node)
+            continue
+        k, n = q.shape
+        block = next(b for b in (128, 64, 32, 16, k) if k % b == 0)
+        blocks = k // block
+        codes = (q.astype(np.int16) + 128).astype(np.uint8).T  # (out, in): the trained uint8 codes q
+        zero_point = np.clip(np.rint(128.0 - lin["corr"] / s), 0, 255).astype(np.uint8)  # corr = s * (128 - z)
+        inputs = [
+            lin["x"],
+            g.add_const(name + "_q", codes.reshape(n, blocks, block)),  # (N, blocks, bytes per block)
+            g.add_const(name + "_s", np.repeat(s, blocks)),  # (N * blocks,) every block of a row shares s
+            g.add_const(name + "_zp", np.repeat(zero_point[:, None], blocks, 1)),  # (N, blocks)
+            "",  # g_idx
+            g.add_const(name + "_b", bias),
+        ]
+        node = helper.make_node(
+            "MatMulNBits",
+            inputs,
+            [lin["out"]],
+            name=name,
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=8,
+            block_size=block,
+            accuracy_level=INT8_ACCURACY_LEVEL,
+        )
+        g.replace(lin["nodes"], node)
+    return len(linears)
+
+
+def _perm(node: onnx.NodeProto) -> list[int]:
+    return list(next(a.ints for a in node.attribute if a.name == "perm"))
+
+
+def _heads_input(g: _Graph, transpose: onnx.NodeProto, perm: list[int]) -> tuple[str, int]:
+    """(B, T, D) tensor behind Reshape(-> (B, T, H, d)) -> Transpose(perm), and d."""
+    if _perm(transpose) != perm:
+        raise LookupError("not a head transpose")
+    reshape = g.made_by(transpose.input[0], "Reshape")
+    concat = g.made_by(reshape.input[1], "Concat")
+    head_dim = g.const(concat.input[-1])
+    if head_dim is None or head_dim.reshape(-1)[0] <= 0:
+        raise LookupError("head size not constant")
+    return reshape.input[0], int(head_dim.reshape(-1)[0])
+
+
+def _fuse_attention(g: _Graph) -> int:
+    """softmax(q k^T * scale + bias) v over heads -> MultiHeadAttention(q, k, v, attention_bias=bias)."""
+    fused = 0
+    for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
+        try:
+            add = g.made_by(softmax.input[0], "Add")
+            mul = next(g.producer[i] for i in add.input if i in g.producer and g.producer[i].op_type == "Mul")
+            bias = next(i for i in add.input if i != mul.output[0])
+            scale_name = next(i for i in mul.input if i in g.inits)
+            qk = g.made_by(next(i for i in mul.input if i != scale_name), "MatMul")
+            q, head_dim = _heads_input(g, g.made_by(qk.input[0], "Transpose"), [0, 2, 1, 3])
+            k, _ = _heads_input(g, g.made_by(qk.input[1], "Transpose"), [0, 2, 3, 1])
+            (av,) = g.users[softmax.output[0]]
+            v, _ = _heads_input(g, g.made_by(av.input[1], "Transpose"), [0, 2, 1, 3])
+            (out_t,) = g.users[av.output[0]]
+            (out_r,) = g.users[out_t.output[0]]
+            hidden = _width(g, q)
+        except (StopIteration, LookupError, ValueError):
+            continue
+        if av.op_type != "MatMul" or out_t.op_type != "Transpose" or _perm(out_t) != [0, 2, 1, 3]:
+            continue
+        if out_r.op_type != "Reshape" or hidden % head_dim:
+            continue
+        scale = float(g.const(scale_name).reshape(-1)[0])
+        mha = helper.make_node(
+            "MultiHeadAttention",
+            [q, k, v, "", "", bias],  # query, key, value, bias, key_padding_mask, attention_bias (B|1, 1, T, T)
+            [out_r.output[0]],
+            name=softmax.name + "_mha",
+            domain=MS_DOMAIN,
+            num_heads=hidden // head_dim,
+            scale=scale,
+        )
+        g.replace([out_r], mha)
+        fused += 1
+    return fused
+
+
+def _width(g: _Graph, name: str) -> int:
+    """Output width of the linear that made `name` (its weight's last axis)."""
+    node = g.producer[name]
+    if node.op_type == "Add":  # an unfused bias
+        node = next(g.producer[i] for i in node.input if i in g.producer)
+    if node.op_type == "MatMulNBits":
+        return int(next(a.i for a in node.attribute if a.name == "N"))
+    w = g.const(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.ndim != 2:
+        raise LookupError(f"cannot tell the width of {name}")
+    return int(w.shape[1])
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers no graph output depends on."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    for init in [i for i in graph.initializer if i.name not in needed]:
+        graph.initializer.remove(init)
+
+
+def cpu_graph(model: onnx.ModelProto, runtime: str) -> tuple[onnx.ModelProto, dict]:
+    """Rewrite `model` (loaded with its weights) in place for `runtime`; returns it and what changed."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "qdq":
+        return model, {"runtime": runtime}
+    g = _Graph(model)
+    linears = _rewrite_linears(g, runtime)
+    attention = _fuse_attention(_Graph(model))
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _prune(model)
+    return model, {"runtime": runtime, "int8_linears": linears, "attention_fused": attention}
+
+
+def quantizes_activations(changes: dict) -> bool:
+    """True when the rewrite put int8 activations into the graph (judged by accuracy, not exactness)."""
+    return changes.get("runtime") == "int8" and changes.get("int8_linears", 0) > 0

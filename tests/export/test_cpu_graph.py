@@ -1,0 +1,99 @@
+"""The CPU graphs ONNX Runtime serves (export/cpu_graph.py), on the test export's real int8-weight backbone."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from export.cpu_graph import cpu_graph, quantizes_activations
+from export.onnx_export import export_backbone
+from export.ort_session import make_session
+from export.pipeline import io_spec_for
+from tests.training.test_trainer import trained_tiny_run
+from training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory, toy_csv):
+    """The int8-weight backbone.onnx of the session's tiny trained run."""
+    run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
+    model, _, meta, _ = load_checkpoint(run / "checkpoint")
+    path = tmp_path_factory.mktemp("cpu_graph") / "backbone.onnx"
+    return export_backbone(model, io_spec_for(meta, "int8-weight").backbone, path)
+
+
+def _feeds(session, batch=3, seq=12, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, seq // 2 :] = 0  # a padded row: attention must keep ignoring padding
+    feeds = {"input_ids": rng.integers(5, 200, (batch, seq)), "attention_mask": mask}
+    names = {i.name for i in session.get_inputs()}
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = np.zeros((batch, seq), np.int64)
+    return feeds
+
+
+def _ops(path_or_model, runtime):
+    model, changes = cpu_graph(onnx.load(str(path_or_model)), runtime)
+    return collections.Counter(n.op_type for n in model.graph.node), changes
+
+
+def test_exact_folds_every_int8_linear_and_fuses_attention(backbone):
+    before, _ = _ops(backbone, "qdq")
+    ops, changes = _ops(backbone, "exact")
+    assert changes["int8_linears"] == before["DequantizeLinear"] > 0 and changes["attention_fused"] > 0
+    assert "DequantizeLinear" not in ops and ops["ReduceSum"] < before["ReduceSum"]  # corrections folded too
+    assert ops["MultiHeadAttention"] == changes["attention_fused"] and not quantizes_activations(changes)
+
+
+def test_int8_keeps_the_trained_codes(backbone):
+    exported = onnx.load(str(backbone))
+    codes = sorted(
+        onnx.numpy_helper.to_array(i).tobytes()
+        for i in exported.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 and i.name.endswith("weight_t")
+    )
+    model, changes = cpu_graph(exported, "int8")
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    served = []
+    for n in matmuls:
+        blocks = inits[n.input[1]]  # (N, blocks, block) uint8 codes q
+        served.append((blocks.reshape(blocks.shape[0], -1).T.astype(np.int16) - 128).astype(np.int8).tobytes())
+    assert len(matmuls) == changes["int8_linears"] == len(codes) and sorted(served) == codes
+    assert quantizes_activations(changes)
+
+
+def test_int8_answers_a_row_the_same_alone_and_in_a_batch(backbone):
+    """Activations are quantized per row: what the dynamic batcher merges cannot change an answer."""
+    session = make_session(backbone, threads=1, runtime="int8")
+    feeds = _feeds(session, batch=4)
+    together = session.run(None, feeds)
+    for row in range(4):
+        alone = session.run(None, {k: v[row : row + 1] for k, v in feeds.items()})
+        for a, t in zip(alone, together):
+            np.testing.assert_allclose(a[0], t[row], atol=1e-5 * np.abs(t).max())
+
+
+@pytest.mark.parametrize("runtime", ["exact", "int8"])
+def test_rewrites_match_the_exported_graph(backbone, runtime):
+    reference = make_session(backbone, threads=1)
+    feeds = _feeds(reference)
+    expected = reference.run(None, feeds)
+    got = make_session(backbone, threads=1, runtime=runtime).run(None, feeds)
+    for e, g in zip(expected, got):
+        scale = np.abs(e).max()
+        if runtime == "exact":
+            np.testing.assert_allclose(g, e, atol=1e-5 * scale)
+        else:  # int8 activations: close, not equal
+            assert np.abs(g - e).max() < 0.25 * scale and np.abs(g - e).max() > 0
+
+
+def test_unknown_runtime_is_refused(backbone):
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        make_session(backbone, runtime="fast")

@@ -158,7 +158,7 @@ class ExportReport:
     tensorrt_check: dict[str, list] = field(default_factory=dict)
     lint: dict[str, dict] = field(default_factory=dict)
     parity: dict[str, ParityResult] = field(default_factory=dict)  # "accuracy_level_1", "cpu_exact", "cpu_int8"
-    served_runtime: str = "exact"  # the CPU graph the server runs (export.pipeline.SERVED_RUNTIME)
+    served_runtime: str = "exact"  # the CPU graph the server runs (export.pipeline.served_runtime)
     polygraphy_run: dict[str, dict] = field(default_factory=dict)
     tensorrt: dict = field(default_factory=dict)
     export_time_s: float = 0.0

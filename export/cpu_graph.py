@@ -23,12 +23,15 @@ creation one of these rewrites builds the graph actually run:
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 RUNTIMES = ("qdq", "exact", "int8")
 INT8_ACCURACY_LEVEL = 4  # MatMulNBits: quantize A to int8 per row and block of K, run int8 GEMMs
+RANGES_KEY = "mp_ismoe.int8_activation_ranges"  # model metadata: {linear input: [min, max]} (export.int8_ranges)
 MS_DOMAIN = "com.microsoft"
 
 
@@ -90,8 +93,47 @@ def _int8_linears(g: _Graph) -> list[dict]:
     return found
 
 
+def activation_ranges(model: onnx.ModelProto) -> dict[str, list[float]]:
+    """Calibrated [min, max] of each int8 linear's input, stored in the model's metadata at export."""
+    raw = next((p.value for p in model.metadata_props if p.key == RANGES_KEY), None)
+    return json.loads(raw) if raw else {}
+
+
+def int8_linear_inputs(model: onnx.ModelProto) -> list[str]:
+    """The tensors the int8 linears read (what calibration records), each once, in graph order."""
+    return list(dict.fromkeys(lin["x"] for lin in _int8_linears(_Graph(model))))
+
+
+def _static_int8(
+    g: _Graph, name: str, lin: dict, lo: float, hi: float, quantized: dict[str, list[str]]
+) -> onnx.NodeProto:
+    """QuantizeLinear(x) with the calibrated range (once per x) -> MatMulIntegerToFloat on the trained codes.
+
+    Activations: asymmetric uint8 over [min(lo, 0), max(hi, 0)]; weights: q' = q - 128 (int8) with
+    z - 128 as a per-column zero point, so s * (q' - (z - 128)) = s * (q - z), the trained weight.
+    """
+    x, q, s = lin["x"], lin["q"], lin["s"].astype(np.float32)
+    if x not in quantized:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32(max(hi - lo, 1e-8) / 255.0)
+        zero = np.uint8(np.clip(np.rint(-lo / scale), 0, 255))
+        a_scale, a_zero = g.add_const(name + "_a_scale", np.array(scale)), g.add_const(name + "_a_zp", np.array(zero))
+        made_at = next((i for i, n in enumerate(g.graph.node) if x in n.output), -1)  # -1: a graph input
+        g.graph.node.insert(
+            made_at + 1,
+            helper.make_node("QuantizeLinear", [x, a_scale, a_zero], [name + "_xq"], name=name + "_quantize"),
+        )
+        quantized[x] = [name + "_xq", a_scale, a_zero]
+    xq, a_scale, a_zero = quantized[x]
+    b_zero = np.rint(-lin["corr"] / s).astype(np.int8)  # corr = s * (128 - z)  =>  z - 128
+    bias = lin["bias"] if lin["bias"] is not None else np.zeros(q.shape[1], np.float32)
+    inputs = [xq, g.add_const(name + "_q", q), a_scale, g.add_const(name + "_s", s), a_zero]
+    inputs += [g.add_const(name + "_zp", b_zero), g.add_const(name + "_b", bias)]
+    return helper.make_node("MatMulIntegerToFloat", inputs, [lin["out"]], name=name, domain=MS_DOMAIN)
+
+
 def _rewrite_linears(g: _Graph, runtime: str) -> int:
-    linears = _int8_linears(g)
+    linears, ranges, quantized = _int8_linears(g), activation_ranges(g.model), {}
     for i, lin in enumerate(linears):
         name, q, s = f"cpu_linear_{i}", lin["q"], lin["s"].astype(np.float32)  # q (in, out) int8, s (out,)
         bias = lin["bias"] if lin["bias"] is not None else np.zeros(q.shape[1], np.float32)
@@ -101,6 +143,9 @@ def _rewrite_linears(g: _Graph, runtime: str) -> int:
             add = helper.make_node("Add", [name + "_y", g.add_const(name + "_b", bias)], [lin["out"]], name=name + "_b")
             g.replace(lin["nodes"], add)
             g.graph.node.insert(list(g.graph.node).index(add), node)
+            continue
+        if lin["x"] in ranges:  # calibrated at export: static int8 activations, the fast QGEMM kernels
+            g.replace(lin["nodes"], _static_int8(g, name, lin, *ranges[lin["x"]], quantized))
             continue
         k, n = q.shape
         block = next(b for b in (128, 64, 32, 16, k) if k % b == 0)

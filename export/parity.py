@@ -52,6 +52,12 @@ GATES = {
 MAX_FLIPS_LISTED, WORST_ROWS = 20, 10
 
 
+def runtime_gate(precision: str, runtime: str) -> ParityGate:
+    """The gate a graph is judged by as `runtime` runs it: the CPU `int8` rewrite of an int8-weight graph
+    quantizes activations, so it is judged by accuracy like w8a8; every other graph by its precision's gate."""
+    return GATES["w8a8"] if runtime == "int8" and precision == "int8-weight" else GATES[precision]
+
+
 def to_examples(rows: list[dict], labels: list[str]) -> list[Example]:
     """Held-out rows as Examples: a label name becomes its index; a regression score stays a float."""
     index = {label: i for i, label in enumerate(labels)}

@@ -3,7 +3,7 @@
 Steps: load the verified checkpoint; export backbone (in the chosen precision) and adapter;
 static TensorRT check (fails the export); Polygraphy lint; parity against PyTorch on held-out
 rows of the exported graph and of the CPU graphs ONNX Runtime serves from it (`parity_runs`:
-the exact one is served, SERVED_RUNTIME); `polygraphy run --onnxrt`
+int8 is served where its accuracy gate passed, else exact); `polygraphy run --onnxrt`
 against outputs saved from PyTorch; size against an fp32 export; TensorRT engines where it
 exists. Everything lands atomically in `onnx/` with a manifest; a failed gate leaves no `onnx/`.
 """
@@ -31,7 +31,7 @@ from . import polygraphy_checks, tensorrt_build
 from .io_spec import IOSpec, build_io_spec, save_io_spec
 from .onnx_export import DEFAULT_OPSET, export_adapter, export_backbone, onnx_size_bytes
 from .ort_session import EXACT_ACCURACY_LEVEL
-from .parity import GATES, check_parity, to_examples
+from .parity import GATES, check_parity, runtime_gate, to_examples
 from .qdq import PRECISIONS
 from .report import format_report, gate_failures, next_steps
 from .trt_check import check_tensorrt_compatible
@@ -104,19 +104,18 @@ def io_spec_for(meta: dict, precision: str, encoder=None, cfg: ExportConfig | No
     )
 
 
-# Chosen by measurement (docs/export_bench.md, 2-core Sapphire Rapids VM, 3 runs): the int8 graph
-# (MatMulNBits) was 0.87x torch fp32 at batch 1 and 1.23x at batch 32 against the exact graph's 0.91x
-# and 1.32x, overlapping in the spread between runs; the exact graph, equal to the checkpoint, is
-# served, and `serve.cpu_runtime=int8` opts into the gated int8 one.
-SERVED_RUNTIME = "exact"
+def served_runtime(parity: dict) -> str:
+    """int8 where its accuracy gate passed, else exact: the int8 graph with calibrated activations is the
+    fastest on CPU (docs/export_bench.md), and exact is the fallback equal to the checkpoint."""
+    return "int8" if parity["cpu_int8"].passed else "exact"
 
 
 def parity_runs(cfg: ExportConfig, gate) -> list[tuple[str, str, object]]:
     """(report key, runtime, gate) for each graph parity judges: the exported file (TensorRT's input, `qdq`)
     and the two CPU rewrites ONNX Runtime may serve (`export.cpu_graph`). `exact` must pass the
     precision's gate; `int8` quantizes the activations of an int8-weight graph, so there it is judged
-    by accuracy like w8a8 (its result says whether `serve.cpu_runtime=int8` is safe for this export)."""
-    int8_gate = GATES["w8a8"].with_overrides(cfg.accept) if cfg.precision == "int8-weight" else gate
+    by accuracy like w8a8 (`export.parity.runtime_gate`) and served only where it passed."""
+    int8_gate = runtime_gate(cfg.precision, "int8").with_overrides(cfg.accept)
     return [
         (f"accuracy_level_{EXACT_ACCURACY_LEVEL}", "qdq", gate),
         ("cpu_exact", "exact", gate),
@@ -131,18 +130,32 @@ def batches(rows, labels, tokenizer, max_length, n_batches, batch_size=16, pad_t
     return [b for _, b in zip(range(n_batches), loader)]
 
 
-def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path, tokenizer, meta) -> Path:
-    """backbone.onnx in cfg.precision; w8a8 goes through a float-linear export and ORT's static calibrator."""
-    path = out / "backbone.onnx"
-    if cfg.precision != "w8a8":
-        return export_backbone(model, spec.backbone, path, cfg.precision, cfg.opset)
-    from .w8a8 import quantize_w8a8
-
+def calibration_feeds(spec: IOSpec, ckpt: Path, tokenizer, meta) -> list[dict]:
+    """16 batches of 16 training rows (checkpoint/calibration.jsonl), padded to max_length."""
     calib = batches(
         read_examples(ckpt, CALIBRATION_FILE), meta["labels"], tokenizer, meta["max_length"], 16, pad_to_max_length=True
     )  # histogram calibrators need one shape across batches
     names = [t.name for t in spec.backbone.inputs]
-    feeds = [{k: b[k].numpy() for k in names} for b in calib]
+    return [{k: b[k].numpy() for k in names} for b in calib]
+
+
+def write_backbone(model, spec: IOSpec, out: Path, cfg: ExportConfig, ckpt: Path, tokenizer, meta) -> Path:
+    """backbone.onnx in cfg.precision; w8a8 goes through a float-linear export and ORT's static calibrator.
+
+    int8-weight graphs also get the activation ranges of their linears (`export.int8_ranges`, in the
+    model metadata) so the CPU `int8` graph quantizes with fixed ranges.
+    """
+    path = out / "backbone.onnx"
+    if cfg.precision != "w8a8":
+        export_backbone(model, spec.backbone, path, cfg.precision, cfg.opset)
+        if cfg.precision == "int8-weight" and (ckpt / CALIBRATION_FILE).is_file():
+            from .int8_ranges import calibrate, store
+
+            store(path, calibrate(path, calibration_feeds(spec, ckpt, tokenizer, meta), cfg.threads))
+        return path
+    from .w8a8 import quantize_w8a8
+
+    feeds = calibration_feeds(spec, ckpt, tokenizer, meta)
     with tempfile.TemporaryDirectory() as tmp:
         float_linears = export_backbone(model, spec.backbone, Path(tmp) / "float.onnx", "w8a8", cfg.opset)
         return quantize_w8a8(float_linears, path, feeds, cfg.calibration)
@@ -329,7 +342,7 @@ def run_export(run_dir: Path, cfg: ExportConfig, log=print) -> ExportReport:
             )
             for key, runtime, runtime_gate in parity_runs(cfg, gate)
         }
-        report.served_runtime = SERVED_RUNTIME
+        report.served_runtime = served_runtime(report.parity)
         log("[export] polygraphy run --onnxrt against saved PyTorch outputs")
         report.polygraphy_run = polygraphy_parity(model, spec, out, rows, tokenizer, meta, cfg)
         report.tensorrt = build_engines(engines, out, spec, cfg)  # published with onnx/ only if the gate passes

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     )
     figs = measure(args.run, opts)
     stored = (baseline or {}).get("tolerances") or {}
-    tol = resolve_tolerances(figs.info["precision"], stored, cli_tol)
+    tol = resolve_tolerances(figs.info["precision"], stored, cli_tol, figs.info.get("cpu_runtime", "exact"))
     rows = compare((baseline or {}).get("metrics", {}), figs.metrics, tol)
     print(
         f"regression check of {args.run} ({figs.info['task']}, {figs.info['precision']}, "

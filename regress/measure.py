@@ -318,6 +318,7 @@ def measure(run: str | Path, opts: Options) -> Figures:
         run=str(data.run),
         task=data.export.task,
         precision=data.export.spec.precision,
+        cpu_runtime=inproc.runtime,  # the graph the server runs (export/cpu_graph.py); sets the gate
         labels=list(data.labels),
         heldout_sha256=_manifest_sha(data.run / "checkpoint", HELDOUT_FILE),
         threads=opts.threads,

@@ -76,11 +76,13 @@ class Row:
     tolerance: float | None = None
 
 
-def resolve_tolerances(precision: str, stored: dict | None, cli: dict | None) -> dict[str, float | None]:
-    """Defaults (per precision where None) < the baseline's tolerances < command-line tolerances."""
-    from export.parity import GATES
+def resolve_tolerances(
+    precision: str, stored: dict | None, cli: dict | None, runtime: str = "exact"
+) -> dict[str, float | None]:
+    """Defaults (per precision and served CPU runtime where None) < the baseline's tolerances < command line."""
+    from export.parity import GATES, runtime_gate
 
-    gate = GATES.get(precision, GATES["int8-weight"])
+    gate = runtime_gate(precision, runtime) if precision in GATES else GATES["int8-weight"]
     tol = dict(DEFAULT_TOLERANCES)
     tol["agreement"] = gate.min_label_agreement
     # level 4 adds int8 activations to weight-only graphs; it cannot be held closer than level 1

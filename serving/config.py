@@ -55,9 +55,9 @@ class ServeConfig:
     )
     cpu_runtime: str = _opt(
         "auto",
-        "graph ONNX Runtime runs (export/cpu_graph.py): auto (each export's parity.json served_runtime, "
-        "today exact) | exact (int8 weights folded to float once at load) | int8 (int8 GEMMs; check the "
-        "export's cpu_int8 gate in parity.json first) | qdq (the exported graph as is, slowest)",
+        "graph ONNX Runtime runs (export/cpu_graph.py): auto (each export's parity.json served_runtime: int8 "
+        "where its accuracy gate passed, else exact) | int8 (int8 GEMMs, calibrated activations) | exact "
+        "(int8 weights folded to float once at load, equal to the checkpoint) | qdq (the exported graph as is)",
     )
     warmup: bool = _opt(True, "Triton model_warmup on every non-ensemble model before the server reports ready")
     warmup_seq_len: int = _opt(16, "sequence length of the backbone/adapter warmup batch")

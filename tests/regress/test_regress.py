@@ -204,13 +204,14 @@ def test_committed_baseline_reproduces_through_tritonserver(tiny_run, capsys):
         "accuracy.served",
         "agreement.onnxruntime",
         "agreement.served",
-        "parity.logits_p99_abs",
         "parity.served_probabilities_max_abs",
         "size.backbone_bytes",
         "data.heldout_rows",
     ):
         assert status[name] == "PASS", (name, out)
-    assert m["accuracy.served"] == m["accuracy.onnxruntime"] and m["agreement.served"] == 1.0
+    # the served int8 graph is judged by accuracy and agreement, its logits error is reported (INFO)
+    assert status["parity.logits_p99_abs"] == ("INFO" if report["info"]["cpu_runtime"] == "int8" else "PASS")
+    assert m["accuracy.served"] == m["accuracy.onnxruntime"] and m["agreement.served"] == m["agreement.onnxruntime"]
     assert m["accuracy.pytorch"] == pytest.approx(m["accuracy.checkpoint"])  # the checkpoint holds what was measured
     # latency: only ratios are checked (NEW here: the committed baseline records none); absolute times are info
     assert status["latency.ort_over_pytorch_p50"] == "NEW" and m["latency.served_over_inprocess_p50"] > 0
@@ -226,10 +227,12 @@ def test_update_writes_a_baseline_and_the_unchanged_run_passes(tiny_run, tmp_pat
     assert main(args + ["--update"]) == 0
     assert f"baseline created: {baseline}" in capsys.readouterr().out
     written = json.loads(baseline.read_text())
-    assert written["metrics"]["agreement.onnxruntime"] == 1.0 and written["environment"]["cpu_count"]
+    assert written["metrics"]["agreement.onnxruntime"] >= 0.93 and written["environment"]["cpu_count"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "all 12 checks passed" in out and "accuracy.served" not in out  # no served figures in this baseline
+    # 12 checks for an exact served graph; the int8 one's two logits-error checks are INFO (judged by agreement)
+    checks = 10 if json.loads(baseline.read_text())["info"]["cpu_runtime"] == "int8" else 12
+    assert f"all {checks} checks passed" in out and "accuracy.served" not in out  # no served figures in this baseline
     assert main(args + ["--update", "--tolerances", "size=0.1"]) == 0
     assert "baseline rewritten deliberately" in capsys.readouterr().out
     assert json.loads(baseline.read_text())["tolerances"] == {"size": 0.1}
@@ -242,9 +245,12 @@ def test_a_bad_reexport_fails_naming_the_metrics(tiny_run, tmp_path, capsys):
     code = main(["--run", str(run), "--baseline", str(COMMITTED), *FAST])
     out = capsys.readouterr().out
     assert code == 1, out
-    status = _status(_report(run))
-    for name in ("accuracy.onnxruntime", "agreement.onnxruntime", "parity.logits_p99_abs"):
+    report = _report(run)
+    status = _status(report)
+    for name in ("accuracy.onnxruntime", "agreement.onnxruntime"):
         assert status[name] == "FAIL", (name, out)
+    # a served int8 graph's logits error is reported, not gated (its gate is accuracy and agreement)
+    assert status["parity.logits_p99_abs"] == ("INFO" if report["info"]["cpu_runtime"] == "int8" else "FAIL")
     # the checkpoint and what export recorded are untouched: the failure points at the graph
     for name in ("accuracy.checkpoint", "accuracy.pytorch", "agreement.export", "size.backbone_bytes"):
         assert status[name] == "PASS", (name, out)

@@ -28,11 +28,13 @@ PROTOCOLS = {"http": httpclient, "grpc": grpcclient}
 
 
 def reference(run, texts, pairs=None):
-    """(labels, probabilities (N, C)) from the HF tokenizer + ONNX Runtime, one example at a time."""
+    """(labels, probabilities (N, C)) from the HF tokenizer + ONNX Runtime (the graph the server runs), one at a time."""
     export = load_run(run)
     spec = export.spec
     tok = AutoTokenizer.from_pretrained(str(export.export_dir / "tokenizer"))
-    backbone, adapter = make_session(export.graph("backbone")), make_session(export.graph("adapter"))
+    runtime = export.served_runtime()
+    backbone = make_session(export.graph("backbone"), runtime=runtime)
+    adapter = make_session(export.graph("adapter"), runtime=runtime)
     labels, probs = [], []
     for i, text in enumerate(texts):
         enc = tok(

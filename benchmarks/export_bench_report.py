@@ -49,11 +49,15 @@ def table_section(block: dict) -> list[str]:
     return lines + format_table(block["results"]) + [""]
 
 
+def _fraction(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def accuracy_section(accuracy: dict) -> list[str]:
     """Held-out metric of each graph its export's parity gate ran (from parity.json), beside the timings."""
     rows = [
         f"| `{d}` ({a['precision']}) | {key} ({p['runtime']}) | {p['pytorch']:.4f} | {p['onnxruntime']:.4f} "
-        f"| {p['onnxruntime'] - p['pytorch']:+.4f} | {p['label_agreement'] if p['label_agreement'] is not None else '-'} "
+        f"| {p['onnxruntime'] - p['pytorch']:+.4f} | {_fraction(p['label_agreement'])} "
         f"| {'passed' if p['passed'] else 'FAILED'}{' (served)' if p['runtime'] == a.get('served_runtime') else ''} |"
         for d, a in accuracy.items()
         for key, p in a.items()

@@ -7,6 +7,12 @@ the range of each linear's input is measured once here, on training rows saved w
 (checkpoint/calibration.jsonl), by running the exact CPU graph, and `export.cpu_graph` quantizes
 with those fixed ranges. The ranges live in the model's metadata (`RANGES_KEY`): the graph
 TensorRT reads is unchanged, and the manifest's checksum covers them.
+
+A range is the [0.001%, 99.999%] quantile interval of the input's values at real tokens, not its
+min/max: one outlier then no longer sets the step of every other value. Chosen on the validation
+split of two default MiniLM runs (label agreement with the exact graph 0.9758 / 0.9805 against
+0.9735 / 0.9758 for min/max; accuracy -0.63 / -0.54 points with min/max, +0.07 / -0.23 with
+quantiles; 99.99% clipped too much: agreement 0.9539).
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ from onnx import TensorProto, helper
 from .cpu_graph import RANGES_KEY, cpu_graph, int8_linear_inputs
 from .ort_session import DISABLED_OPTIMIZERS, session_options
 
+QUANTILE = 0.99999
+BINS = 16384
 
-def calibrate(path: Path, feeds: list[dict[str, np.ndarray]], threads: int | None = None) -> dict[str, list[float]]:
-    """{linear input name: [min, max]} over `feeds`, from the exact CPU graph of `path`."""
+
+def calibrate(
+    path: Path, feeds: list[dict[str, np.ndarray]], threads: int | None = None, quantile: float = QUANTILE
+) -> dict[str, list[float]]:
+    """{linear input name: [low, high]} quantiles over real tokens of `feeds`, from the exact CPU graph of `path`.
+
+    Two passes: min/max, then a histogram of BINS bins over them per tensor (memory stays one batch).
+    """
     if not feeds:
         raise ValueError("int8 calibration needs at least one batch of inputs")
     model = onnx.load(str(path))
@@ -37,11 +51,27 @@ def calibrate(path: Path, feeds: list[dict[str, np.ndarray]], threads: int | Non
         providers=["CPUExecutionProvider"],
         disabled_optimizers=DISABLED_OPTIMIZERS,
     )
+
+    def real_tokens():
+        for feed in feeds:
+            mask = feed["attention_mask"].astype(bool)  # (B, T)
+            for name, value in zip(names, session.run(names, feed)):  # each (B, T, K)
+                yield name, value[mask] if value.shape[:2] == mask.shape else value
+
     lo, hi = {n: np.inf for n in names}, {n: -np.inf for n in names}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
-    return {n: [lo[n], hi[n]] for n in names}
+    for name, value in real_tokens():
+        lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    counts = {n: np.zeros(BINS, np.int64) for n in names}
+    for name, value in real_tokens():
+        counts[name] += np.histogram(value, BINS, (lo[name], hi[name]))[0]
+    ranges = {}
+    for n in names:
+        edges = np.linspace(lo[n], hi[n], BINS + 1)
+        cdf = np.cumsum(counts[n]) / counts[n].sum()
+        low = edges[np.searchsorted(cdf, 1 - quantile)]  # left edge of the bin holding the low quantile
+        high = edges[np.searchsorted(cdf, quantile) + 1]  # right edge of the bin holding the high quantile
+        ranges[n] = [float(low), float(high)]
+    return ranges
 
 
 def store(path: Path, ranges: dict[str, list[float]]) -> None:

@@ -178,10 +178,11 @@ def ort_engines(onnx_dir: Path, threads: int, runtimes=RUNTIMES) -> dict:
     marked `(served)`.
     """
     from export.ort_session import make_session
+    from serving.artifacts import load_run
 
     engines = {}
     precision = _manifest_precision(onnx_dir) or "onnx"
-    served = _served_runtime(onnx_dir)
+    served = load_run(onnx_dir).served_runtime()  # the rule the server applies to this export
     for runtime in runtimes:
         backbone = make_session(onnx_dir / "backbone.onnx", threads, runtime=runtime)
         adapter = make_session(onnx_dir / "adapter.onnx", threads, runtime=runtime)
@@ -196,11 +197,6 @@ def ort_engines(onnx_dir: Path, threads: int, runtimes=RUNTIMES) -> dict:
 
         engines[f"ort {precision} {runtime}{' (served)' if runtime == served else ''}"] = run
     return engines
-
-
-def _served_runtime(onnx_dir: Path) -> str | None:
-    report = onnx_dir / "parity.json"
-    return json.loads(report.read_text()).get("served_runtime") if report.is_file() else None
 
 
 def export_accuracy(onnx_dir: Path) -> dict:

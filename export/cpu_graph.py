@@ -8,13 +8,15 @@ creation one of these rewrites builds the graph actually run:
 
 - `exact`: each int8 linear becomes one MatMul on float weights s * (q - z) computed once
   (the trained function, rounding only);
-- `int8`: each int8 linear becomes com.microsoft MatMulNBits (bits 8) on the trained uint8 codes
-  and zero points, one scale per row repeated over its blocks of K (so the weights are exactly the
-  trained ones), the bias folded in, accuracy level 4: activations are quantized to int8 per row
-  and block of K at run time and int8 GEMM kernels (VNNI, AMX) run, at an accuracy cost the
-  export's parity gate measures. Per row, not per tensor: a request's answer does not depend on
-  what else the dynamic batcher merged into its batch (DynamicQuantizeMatMul's per-tensor scale
-  would; it changed hidden states by up to 1.1 between a row alone and in a batch);
+- `int8`: each int8 linear's input is quantized by QuantizeLinear with the range calibrated at
+  export (`export.int8_ranges`, in the model metadata) and the linear becomes com.microsoft
+  MatMulIntegerToFloat on the trained codes, z - 128 as a per-column zero point (so the weights are
+  exactly the trained ones), the bias folded in: int8 GEMM kernels (VNNI, AMX) run, at an accuracy
+  cost the export's parity gate measures. Fixed ranges, not per call: a request's answer does not
+  depend on what the dynamic batcher merged into its batch (DynamicQuantizeMatMul's per-tensor
+  scale would; it changed hidden states by up to 1.1 between a row alone and in a batch). A graph
+  without ranges (an older export) gets MatMulNBits (bits 8, accuracy level 4: per-row activation
+  quantization, also batch-independent, but no faster than float GEMMs on the machine measured);
 - both: MatMul-Softmax-MatMul attention becomes com.microsoft MultiHeadAttention.
 `qdq` runs the exported graph unchanged. The parity gate runs each rewrite it may serve
 (`export.pipeline`), so what is served is what was checked. Rewrites that find nothing to rewrite
@@ -60,10 +62,11 @@ class _Graph:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
 
-    def replace(self, old: list[onnx.NodeProto], new: onnx.NodeProto) -> None:
-        """Put `new` where the last of `old` was (its inputs exist by then) and drop `old`."""
+    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
+        """Put `new` (in order) where the last of `old` was (their inputs exist by then) and drop `old`."""
         at = max(list(self.graph.node).index(n) for n in old)
-        self.graph.node.insert(at, new)
+        for node in reversed(new):
+            self.graph.node.insert(at, node)
         for n in old:
             self.graph.node.remove(n)
 
@@ -89,7 +92,19 @@ def _int8_linears(g: _Graph) -> list[dict]:
             b = next((g.const(i) for i in user.input if i in g.inits), None)
             if b is not None and b.shape == (q.shape[1],):
                 nodes, out, bias = nodes + [user], user.output[0], b.astype(np.float32)
-        found.append(dict(nodes=nodes, x=mm.input[0], q=q, s=s, corr=g.const(corr), bias=bias, out=out))
+        s, corr = s.astype(np.float32), g.const(corr).astype(np.float32)
+        found.append(
+            dict(
+                nodes=nodes,
+                out=out,
+                x=mm.input[0],
+                q=q,  # (in, out) int8 q' = q - 128
+                s=s,  # (out,)
+                corr=corr,  # (out,) s * (128 - z)
+                zero_point=np.rint(-corr / s).astype(np.int8),  # (out,) z - 128, so s * (q' - zp) = s * (q - z)
+                bias=np.zeros(q.shape[1], np.float32) if bias is None else bias,  # (out,)
+            )
+        )
     return found
 
 
@@ -104,15 +119,24 @@ def int8_linear_inputs(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(lin["x"] for lin in _int8_linears(_Graph(model))))
 
 
+def _exact_linear(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
+    """MatMul on the float weights s * (q - z), computed once, then the bias."""
+    w = lin["q"].astype(np.float32) * lin["s"] + lin["corr"]  # (in, out)
+    return [
+        helper.make_node("MatMul", [lin["x"], g.add_const(name + "_w", w)], [name + "_y"], name=name),
+        helper.make_node("Add", [name + "_y", g.add_const(name + "_b", lin["bias"])], [lin["out"]], name=name + "_b"),
+    ]
+
+
 def _static_int8(
     g: _Graph, name: str, lin: dict, lo: float, hi: float, quantized: dict[str, list[str]]
-) -> onnx.NodeProto:
+) -> list[onnx.NodeProto]:
     """QuantizeLinear(x) with the calibrated range (once per x) -> MatMulIntegerToFloat on the trained codes.
 
     Activations: asymmetric uint8 over [min(lo, 0), max(hi, 0)]; weights: q' = q - 128 (int8) with
     z - 128 as a per-column zero point, so s * (q' - (z - 128)) = s * (q - z), the trained weight.
     """
-    x, q, s = lin["x"], lin["q"], lin["s"].astype(np.float32)
+    x = lin["x"]
     if x not in quantized:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = np.float32(max(hi - lo, 1e-8) / 255.0)
@@ -125,54 +149,41 @@ def _static_int8(
         )
         quantized[x] = [name + "_xq", a_scale, a_zero]
     xq, a_scale, a_zero = quantized[x]
-    b_zero = np.rint(-lin["corr"] / s).astype(np.int8)  # corr = s * (128 - z)  =>  z - 128
-    bias = lin["bias"] if lin["bias"] is not None else np.zeros(q.shape[1], np.float32)
-    inputs = [xq, g.add_const(name + "_q", q), a_scale, g.add_const(name + "_s", s), a_zero]
-    inputs += [g.add_const(name + "_zp", b_zero), g.add_const(name + "_b", bias)]
-    return helper.make_node("MatMulIntegerToFloat", inputs, [lin["out"]], name=name, domain=MS_DOMAIN)
+    inputs = [xq, g.add_const(name + "_q", lin["q"]), a_scale, g.add_const(name + "_s", lin["s"]), a_zero]
+    inputs += [g.add_const(name + "_zp", lin["zero_point"]), g.add_const(name + "_b", lin["bias"])]
+    return [helper.make_node("MatMulIntegerToFloat", inputs, [lin["out"]], name=name, domain=MS_DOMAIN)]
+
+
+def _nbits_int8(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
+    """MatMulNBits (bits 8) on the trained uint8 codes q and zero points z, one scale per row over its blocks."""
+    k, n = lin["q"].shape
+    block = next(b for b in (128, 64, 32, 16, k) if k % b == 0)
+    blocks = k // block
+    codes = (lin["q"].astype(np.int16) + 128).astype(np.uint8).T  # (out, in): q
+    zero_point = (lin["zero_point"].astype(np.int16) + 128).astype(np.uint8)  # (out,): z
+    inputs = [
+        lin["x"],
+        g.add_const(name + "_q", codes.reshape(n, blocks, block)),  # (N, blocks, bytes per block)
+        g.add_const(name + "_s", np.repeat(lin["s"], blocks)),  # (N * blocks,) every block of a row shares s
+        g.add_const(name + "_zp", np.repeat(zero_point[:, None], blocks, 1)),  # (N, blocks)
+        "",  # g_idx
+        g.add_const(name + "_b", lin["bias"]),
+    ]
+    attrs = dict(K=k, N=n, bits=8, block_size=block, accuracy_level=INT8_ACCURACY_LEVEL)
+    return [helper.make_node("MatMulNBits", inputs, [lin["out"]], name=name, domain=MS_DOMAIN, **attrs)]
 
 
 def _rewrite_linears(g: _Graph, runtime: str) -> int:
     linears, ranges, quantized = _int8_linears(g), activation_ranges(g.model), {}
     for i, lin in enumerate(linears):
-        name, q, s = f"cpu_linear_{i}", lin["q"], lin["s"].astype(np.float32)  # q (in, out) int8, s (out,)
-        bias = lin["bias"] if lin["bias"] is not None else np.zeros(q.shape[1], np.float32)
+        name = f"cpu_linear_{i}"
         if runtime == "exact":
-            w = q.astype(np.float32) * s + lin["corr"].astype(np.float32)  # (in, out) = s * (q - z), once
-            node = helper.make_node("MatMul", [lin["x"], g.add_const(name + "_w", w)], [name + "_y"], name=name)
-            add = helper.make_node("Add", [name + "_y", g.add_const(name + "_b", bias)], [lin["out"]], name=name + "_b")
-            g.replace(lin["nodes"], add)
-            g.graph.node.insert(list(g.graph.node).index(add), node)
-            continue
-        if lin["x"] in ranges:  # calibrated at export: static int8 activations, the fast QGEMM kernels
-            g.replace(lin["nodes"], _static_int8(g, name, lin, *ranges[lin["x"]], quantized))
-            continue
-        k, n = q.shape
-        block = next(b for b in (128, 64, 32, 16, k) if k % b == 0)
-        blocks = k // block
-        codes = (q.astype(np.int16) + 128).astype(np.uint8).T  # (out, in): the trained uint8 codes q
-        zero_point = np.clip(np.rint(128.0 - lin["corr"] / s), 0, 255).astype(np.uint8)  # corr = s * (128 - z)
-        inputs = [
-            lin["x"],
-            g.add_const(name + "_q", codes.reshape(n, blocks, block)),  # (N, blocks, bytes per block)
-            g.add_const(name + "_s", np.repeat(s, blocks)),  # (N * blocks,) every block of a row shares s
-            g.add_const(name + "_zp", np.repeat(zero_point[:, None], blocks, 1)),  # (N, blocks)
-            "",  # g_idx
-            g.add_const(name + "_b", bias),
-        ]
-        node = helper.make_node(
-            "MatMulNBits",
-            inputs,
-            [lin["out"]],
-            name=name,
-            domain=MS_DOMAIN,
-            K=k,
-            N=n,
-            bits=8,
-            block_size=block,
-            accuracy_level=INT8_ACCURACY_LEVEL,
-        )
-        g.replace(lin["nodes"], node)
+            new = _exact_linear(g, name, lin)
+        elif lin["x"] in ranges:  # calibrated at export: static int8 activations, the fast QGEMM kernels
+            new = _static_int8(g, name, lin, *ranges[lin["x"]], quantized)
+        else:
+            new = _nbits_int8(g, name, lin)
+        g.replace(lin["nodes"], new)
     return len(linears)
 
 
@@ -225,7 +236,7 @@ def _fuse_attention(g: _Graph) -> int:
             num_heads=hidden // head_dim,
             scale=scale,
         )
-        g.replace([out_r], mha)
+        g.replace([out_r], [mha])
         fused += 1
     return fused
 
@@ -271,8 +282,3 @@ def cpu_graph(model: onnx.ModelProto, runtime: str) -> tuple[onnx.ModelProto, di
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     _prune(model)
     return model, {"runtime": runtime, "int8_linears": linears, "attention_fused": attention}
-
-
-def quantizes_activations(changes: dict) -> bool:
-    """True when the rewrite put int8 activations into the graph (judged by accuracy, not exactness)."""
-    return changes.get("runtime") == "int8" and changes.get("int8_linears", 0) > 0

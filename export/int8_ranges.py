@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .cpu_graph import RANGES_KEY, cpu_graph, int8_linear_inputs
-from .ort_session import DISABLED_OPTIMIZERS, session_options
+from .ort_session import session_for_model
 
 QUANTILE = 0.99999
 BINS = 16384
@@ -45,12 +44,7 @@ def calibrate(
     names = int8_linear_inputs(model)
     model, _ = cpu_graph(model, "exact")
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-    session = ort.InferenceSession(
-        model.SerializeToString(),
-        sess_options=session_options(threads),
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=DISABLED_OPTIMIZERS,
-    )
+    session = session_for_model(model, threads)
 
     def real_tokens():
         for feed in feeds:

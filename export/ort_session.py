@@ -55,11 +55,24 @@ def make_session(
         raise FileNotFoundError(f"ONNX model {path} does not exist: run `make export` first")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    providers = providers or ["CPUExecutionProvider"]
     source = str(path) if runtime == "qdq" else cpu_graph(onnx.load(str(path)), runtime)[0].SerializeToString()
+    return _session(source, threads, accuracy_level, providers)
+
+
+def session_for_model(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session, with the project's options, on a model built in memory (e.g. with extra outputs)."""
+    return _session(model.SerializeToString(), threads)
+
+
+def _session(
+    source: str | bytes,
+    threads: int | None = None,
+    accuracy_level: int = EXACT_ACCURACY_LEVEL,
+    providers: list[str] | None = None,
+) -> ort.InferenceSession:
     return ort.InferenceSession(
         source,
         sess_options=session_options(threads, accuracy_level),
-        providers=providers,
+        providers=providers or ["CPUExecutionProvider"],
         disabled_optimizers=DISABLED_OPTIMIZERS,
     )

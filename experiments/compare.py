@@ -45,6 +45,7 @@ LR_GRID = {
     "lst": (5e-4, 1e-3, 3e-3),
     "mp_ismoe": (5e-4, 1e-3, 3e-3),  # side networks from a pruned init
 }
+EXTEND_MAX = 2  # grid points added past a winning edge
 EPILOG = (
     """examples:
   python -m experiments.compare --tasks rotten_tomatoes bbc_news --seeds 0 1 2 3 4 \\
@@ -52,7 +53,8 @@ EPILOG = (
   python -m experiments.compare --methods lst mp_ismoe --lr mp_ismoe=1e-3 --seeds 0 1   # no tuning for mp_ismoe
   python -m experiments.compare ... --collect      # only re-render from the runs already on disk
 
-learning-rate grids (tuned on validation at the first seed; --lr METHOD=LR fixes one):
+learning-rate grids (tuned on validation at the first seed, extended by the grid's ratio past a
+winning edge, at most 2 points; --lr METHOD=LR fixes one):
   """
     + "\n  ".join(f"{m:<13} {', '.join(f'{lr:g}' for lr in grid)}" for m, grid in LR_GRID.items())
     + "\n"
@@ -107,17 +109,43 @@ def figures(task: str, r: dict) -> dict:
     }
 
 
+def tuned_rates(args, task: str, method: str) -> dict[float, dict]:
+    """Validation figures at the first seed for each rate of the grid, extended past an edge that wins.
+
+    A best rate at the grid's edge says the optimum may lie beyond it: the grid then grows by its
+    own ratio on that side, up to EXTEND_MAX more points, while the edge keeps winning.
+    """
+    grid = [args.lr[method]] if method in args.lr else sorted(LR_GRID[method])
+    tuning = {lr: figures(task, train(args, task, method, lr, args.seeds[0])) for lr in grid}
+    for _ in range(EXTEND_MAX if len(grid) > 1 else 0):
+        ok = {lr: f for lr, f in tuning.items() if f["status"] == "ok"}
+        best, rates = _best(ok), sorted(tuning)
+        if best == rates[-1]:
+            lr = rates[-1] * rates[-1] / rates[-2]
+        elif best == rates[0]:
+            lr = rates[0] * rates[0] / rates[1]
+        else:
+            break
+        lr = float(f"{lr:.3g}")
+        tuning[lr] = figures(task, train(args, task, method, lr, args.seeds[0]))
+    return tuning
+
+
+def _best(ok: dict[float, dict]) -> float | None:
+    """The rate with the best validation metric (ties: the smaller rate)."""
+    return max(ok, key=lambda lr: (ok[lr]["val"], -lr)) if ok else None
+
+
 def compare_method(args, task: str, method: str) -> dict:
     """Tune the learning rate on validation at the first seed, then run every seed at the chosen rate."""
-    grid = [args.lr[method]] if method in args.lr else list(LR_GRID[method])
     first = args.seeds[0]
-    tuning = {lr: figures(task, train(args, task, method, lr, first)) for lr in grid}
+    tuning = tuned_rates(args, task, method)
     ok = {lr: f for lr, f in tuning.items() if f["status"] == "ok"}
     if not ok:
         return {"lr": None, "tuning": tuning, "runs": {}}
-    best = max(ok, key=lambda lr: (ok[lr]["val"], -lr))  # ties: the smaller rate
+    best = _best(ok)
     runs = {first: ok[best]} | {s: figures(task, train(args, task, method, best, s)) for s in args.seeds[1:]}
-    return {"lr": best, "tuning": {f"{lr:g}": f.get("val") for lr, f in tuning.items()}, "runs": runs}
+    return {"lr": best, "tuning": {f"{lr:g}": f.get("val") for lr, f in sorted(tuning.items())}, "runs": runs}
 
 
 def parse_args(argv=None):

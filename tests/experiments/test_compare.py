@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from experiments.compare import LR_GRID, NAMES, method_overrides
+from experiments import compare
+from experiments.compare import EXTEND_MAX, LR_GRID, NAMES, method_overrides, parse_args
 from experiments.harness import run_training
 from tests.conftest import tiny_overrides, write_toy_csv
 
@@ -62,7 +63,7 @@ def test_compare_tunes_on_validation_runs_paired_seeds_and_resumes(tmp_path):
     report = json.loads((tmp_path / "docs" / "compare.json").read_text())
     methods = report["tasks"]["rotten_tomatoes"]["methods"]
     probe = methods["linear_probe"]
-    assert len(probe["tuning"]) == 3 and probe["lr"] in LR_GRID["linear_probe"]  # tuned: 3 rates at seed 0
+    assert 3 <= len(probe["tuning"]) <= 3 + EXTEND_MAX  # tuned at seed 0: the grid, extended past a winning edge
     assert max(probe["tuning"].values()) == probe["runs"]["0"]["val"]  # the best validation rate was kept
     for m in ("lst", "mp_ismoe"):
         assert list(methods[m]["tuning"]) == ["0.001"] and set(methods[m]["runs"]) == {"0", "1"}
@@ -73,3 +74,30 @@ def test_compare_tunes_on_validation_runs_paired_seeds_and_resumes(tmp_path):
     assert (tmp_path / "docs" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run(cmd + ["--collect"], capture_output=True, text=True)  # nothing retrains
     assert again.returncode == 0 and "[compare] rotten_tomatoes/" not in again.stdout
+
+
+def _fake_training(val_of_lr):
+    """compare.train's stand-in: a run's validation accuracy as a function of its rate."""
+
+    def train(args, task, method, lr, seed):
+        v = val_of_lr(lr)
+        metrics = {"val_accuracy": v, "test_accuracy": v, "peak_memory_gib": 1.0, "peak_memory_kind": "x"}
+        metrics |= {"step_time_s_median": 0.1, "trainable_parameters": 1}
+        return {"status": "ok", "metrics": metrics}
+
+    return train
+
+
+@pytest.mark.parametrize(
+    "val_of_lr, expected",
+    [
+        (lambda lr: -abs(lr - 1e-3), [3e-4, 1e-3, 3e-3]),  # an interior optimum: the grid as it is
+        (lambda lr: lr, [3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2]),  # the top edge keeps winning: two more points
+        (lambda lr: -lr, [2.7e-5, 9e-5, 3e-4, 1e-3, 3e-3]),  # the bottom edge keeps winning
+        (lambda lr: -abs(lr - 9e-3), [3e-4, 1e-3, 3e-3, 9e-3, 2.7e-2]),  # extended once, then beaten
+    ],
+)
+def test_tuning_extends_the_grid_past_a_winning_edge(monkeypatch, val_of_lr, expected):
+    monkeypatch.setattr(compare, "train", _fake_training(val_of_lr))
+    tuning = compare.tuned_rates(parse_args(["--methods", "bitfit"]), "trec", "bitfit")
+    assert sorted(tuning) == pytest.approx(expected)

@@ -11,7 +11,8 @@ truncated to exactly 128 tokens (random real texts from checkpoint/heldout.jsonl
   ort P exact     the same files, int8 weights folded to float once at load (export/cpu_graph.py)
   ort P int8      the same files, int8 GEMMs on the trained codes, activations quantized at run time
                   (the one the server picks for this export is marked "(served)", from parity.json)
-  ort Q exact     each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8)
+  ort Q exact/int8  each --extra-onnx directory: another export of the same checkpoint (e.g. w8a8), in
+                  both CPU runtimes (for w8a8, `int8` also runs the attention in float, fused)
 torch and ONNX Runtime both run on --threads threads (default 2; several values give one table
 each). The engines take turns: --rounds rounds, each giving every engine --warmup untimed calls and
 then a block of --repeats/--rounds timed ones, so a slow spell of a shared machine hits all engines
@@ -346,7 +347,7 @@ def run_tables(a, torch_fns: dict, batches: dict) -> list[dict]:
         before = contention_probe(n)
         engines = {**torch_fns, **ort_engines(a.run / "onnx", n)}
         for extra in a.extra_onnx:
-            engines.update(ort_engines(extra, n, runtimes=("exact",)))
+            engines.update(ort_engines(extra, n, runtimes=("exact", "int8")))
         runs = []
         for i in range(a.runs):
             print(f"[bench] {n} thread(s): run {i + 1} of {a.runs}")
@@ -368,7 +369,7 @@ def parse_args(argv=None):
         type=Path,
         nargs="*",
         default=[],
-        help="more export directories of the same checkpoint to time (their `exact` runtime) "
+        help="more export directories of the same checkpoint to time (their `exact` and `int8` runtimes) "
         "(e.g. a w8a8 export: runs/default_w8a8/onnx)",
     )
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per value (default 2)")

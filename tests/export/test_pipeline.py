@@ -7,6 +7,7 @@ exported top-k MoE computes every expert (a graph that dropped one would miss th
 Sessions and the export run on one thread: on shared cores, two threads wait on each other.
 """
 
+import collections
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import torch
 
 from contracts.artifacts import ArtifactError, verify_manifest
 from contracts.parity_report import ExportReport
+from export.cpu_graph import cpu_graph
 from export.io_spec import load_io_spec
 from export.onnx_export import export_backbone
 from export.ort_session import make_session
@@ -338,3 +340,29 @@ def test_w8a8_quantizes_gemm_inputs_only_and_every_gemm_runs_as_int8_in_onnxrunt
     ]
     assert weight_gemms and ops.count("MatMulIntegerToFloat") + ops.count("QLinearMatMul") >= len(weight_gemms)
     assert "MatMul" not in ops, "a quantized GEMM was left in fp32"
+
+
+def test_w8a8_cpu_int8_graph_runs_attention_in_float_fused_and_passes_its_gate(other_precision, exported):
+    """The CPU `int8` rewrite of a w8a8 graph drops the attention's Q/DQ (no int8 attention kernel on
+    CPU) so the attention fuses; the weight GEMMs keep their Q/DQ; parity judges the result by accuracy."""
+    out, _ = other_precision("w8a8")
+    run, _, model, meta, tokenizer = exported
+    exported_graph = onnx.load(str(out / "backbone.onnx"))
+    layers = sum(n.op_type == "Softmax" for n in exported_graph.graph.node)
+    graph, changes = cpu_graph(exported_graph, "int8")
+    ops = collections.Counter(n.op_type for n in graph.graph.node)
+    assert changes["float_attention_matmuls"] == 2 * layers and ops["MultiHeadAttention"] == layers > 0
+    assert "Softmax" not in ops and ops["QuantizeLinear"] > 0  # the linears stay int8
+    report = check_parity(
+        model,
+        tokenizer,
+        read_examples(run / "checkpoint"),
+        meta["labels"],
+        meta["max_length"],
+        out / "backbone.onnx",
+        out / "adapter.onnx",
+        "w8a8",
+        threads=1,
+        runtime="int8",
+    )
+    assert report.passed, report.failures

@@ -35,51 +35,19 @@ import json
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from .cpu_attention import float_attention, fuse_attention
 from .cpu_moe import sparse_experts
+from .cpu_taps import batched_taps
+from .onnx_graph import MS_DOMAIN, GraphIndex, prune
 
 RUNTIMES = ("qdq", "exact", "int8")
 INT8_ACCURACY_LEVEL = 4  # MatMulNBits: quantize A to int8 per row and block of K, run int8 GEMMs
 RANGES_KEY = "mp_ismoe.int8_activation_ranges"  # model metadata: {linear input: [min, max]} (export.int8_ranges)
-MS_DOMAIN = "com.microsoft"
 
 
-class _Graph:
-    """Lookups over one graph: initializers, producers, consumers."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.graph = model, model.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.producer = {o: n for n in self.graph.node for o in n.output}
-        self.users: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.graph.node:
-            for i in n.input:
-                self.users.setdefault(i, []).append(n)
-
-    def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def made_by(self, name: str, op: str) -> onnx.NodeProto:
-        node = self.producer.get(name)
-        if node is None or node.op_type != op:
-            raise LookupError(f"{name} is not made by {op}")
-        return node
-
-    def add_const(self, name: str, value: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
-
-    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
-        """Put `new` (in order) where the last of `old` was (their inputs exist by then) and drop `old`."""
-        at = max(list(self.graph.node).index(n) for n in old)
-        for node in reversed(new):
-            self.graph.node.insert(at, node)
-        for n in old:
-            self.graph.node.remove(n)
-
-
-def _int8_linears(g: _Graph) -> list[dict]:
+def _int8_linears(g: GraphIndex) -> list[dict]:
     """Every `MatMul(x, DQ(q', s)) + ReduceSum(x) * corr [+ bias]` of `export.qdq.SymmetricInt8Linear`."""
     found = []
     for add in [n for n in g.graph.node if n.op_type == "Add"]:
@@ -124,10 +92,10 @@ def activation_ranges(model: onnx.ModelProto) -> dict[str, list[float]]:
 
 def int8_linear_inputs(model: onnx.ModelProto) -> list[str]:
     """The tensors the int8 linears read (what calibration records), each once, in graph order."""
-    return list(dict.fromkeys(lin["x"] for lin in _int8_linears(_Graph(model))))
+    return list(dict.fromkeys(lin["x"] for lin in _int8_linears(GraphIndex(model))))
 
 
-def _exact_linear(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
+def _exact_linear(g: GraphIndex, name: str, lin: dict) -> list[onnx.NodeProto]:
     """MatMul on the float weights s * (q - z), computed once, then the bias."""
     w = lin["q"].astype(np.float32) * lin["s"] + lin["corr"]  # (in, out)
     return [
@@ -137,7 +105,7 @@ def _exact_linear(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
 
 
 def _static_int8(
-    g: _Graph, name: str, lin: dict, lo: float, hi: float, quantized: dict[str, list[str]]
+    g: GraphIndex, name: str, lin: dict, lo: float, hi: float, quantized: dict[str, list[str]]
 ) -> list[onnx.NodeProto]:
     """QuantizeLinear(x) with the calibrated range (once per x) -> MatMulIntegerToFloat on the trained codes.
 
@@ -162,7 +130,7 @@ def _static_int8(
     return [helper.make_node("MatMulIntegerToFloat", inputs, [lin["out"]], name=name, domain=MS_DOMAIN)]
 
 
-def _nbits_int8(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
+def _nbits_int8(g: GraphIndex, name: str, lin: dict) -> list[onnx.NodeProto]:
     """MatMulNBits (bits 8) on the trained uint8 codes q and zero points z, one scale per row over its blocks."""
     k, n = lin["q"].shape
     block = next(b for b in (128, 64, 32, 16, k) if k % b == 0)
@@ -181,7 +149,89 @@ def _nbits_int8(g: _Graph, name: str, lin: dict) -> list[onnx.NodeProto]:
     return [helper.make_node("MatMulNBits", inputs, [lin["out"]], name=name, domain=MS_DOMAIN, **attrs)]
 
 
-def _rewrite_linears(g: _Graph, runtime: str) -> int:
+def _bias_add(g: GraphIndex, out: str, width: int) -> onnx.NodeProto | None:
+    """The Add of a constant (width,) bias when it is `out`'s only reader."""
+    users = g.users.get(out, [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    other = next((i for i in users[0].input if i != out), None)
+    bias = g.const(other) if other else None
+    return users[0] if bias is not None and bias.shape == (width,) else None
+
+
+def _column_groups(g: GraphIndex, mm: onnx.NodeProto, width: int) -> list[tuple[slice, str, str]]:
+    """(weight columns, output, bias) per int8 GEMM to build; the nodes they replace are appended to
+    `mm`'s group list by the caller. A Split on the last axis (w8a8 merges q, k and v into one GEMM for
+    TensorRT) becomes one GEMM per part, so each takes its own bias and no Split copy remains."""
+    users = g.users.get(mm.output[0], [])
+    split = users[0] if len(users) == 1 and users[0].op_type == "Split" else None
+    sizes = g.const(split.input[1]) if split is not None and len(split.input) > 1 else None
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0) if split is not None else None
+    if sizes is None or axis != -1 or int(sizes.sum()) != width:
+        add = _bias_add(g, mm.output[0], width)
+        return [(slice(0, width), add.output[0] if add else mm.output[0], _other(add, mm.output[0]))]
+    groups, start = [], 0
+    for size, out in zip(sizes.tolist(), split.output):
+        add = _bias_add(g, out, size)
+        groups.append((slice(start, start + size), add.output[0] if add else out, _other(add, out)))
+        start += size
+    return groups
+
+
+def _columns(v: np.ndarray, cols: slice) -> np.ndarray:
+    """A per-column scale or zero point sliced to `cols`; a per-tensor one as it is."""
+    return v if v.size == 1 else v.reshape(-1)[cols]
+
+
+def _other(add: onnx.NodeProto | None, out: str) -> str:
+    return next(i for i in add.input if i != out) if add is not None else ""
+
+
+def _qdq_gemms(g: GraphIndex) -> int:
+    """w8a8's `MatMul(DQ(Q(x)), DQ(W)) [+ bias]` -> MatMulIntegerToFloat(Q(x), W, ..., bias).
+
+    ONNX Runtime fuses the Q/DQ pair itself, but leaves the bias as an Add (or a BiasGelu: 44 ms
+    against 26 ms of Gelu at batch 32) and the merged q/k/v GEMM's Split; folded, they cost nothing.
+    """
+    folded = 0
+    for mm in [n for n in g.graph.node if n.op_type == "MatMul"]:
+        try:
+            a_dq, w_dq = g.made_by(mm.input[0], "DequantizeLinear"), g.made_by(mm.input[1], "DequantizeLinear")
+            quantize = g.made_by(a_dq.input[0], "QuantizeLinear")
+        except LookupError:
+            continue
+        w, w_scale = g.const(w_dq.input[0]), g.const(w_dq.input[1])
+        w_zero = g.const(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros((), w.dtype if w is not None else np.int8)
+        a_zero = g.const(a_dq.input[2]) if len(a_dq.input) > 2 else np.zeros((), np.int8)
+        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        if w is None or w.ndim != 2 or w_scale is None or w_zero is None or a_zero is None or axis not in (1, -1):
+            continue
+        if a_zero.dtype == np.int8:  # int8 x int8 has no fast CPU kernel (5.5 s against 0.8 s): shift to uint8
+            x_q, a_zp = (
+                mm.name + "_xq",
+                g.add_const(mm.name + "_xq_zp", (a_zero.astype(np.int16) + 128).astype(np.uint8)),
+            )
+            nodes = [helper.make_node("QuantizeLinear", [quantize.input[0], a_dq.input[1], a_zp], [x_q])]
+        else:
+            x_q, a_zp, nodes = quantize.output[0], a_dq.input[2], []
+        groups = _column_groups(g, mm, w.shape[1])
+        for part, (cols, out, bias) in enumerate(groups):
+            name = f"{mm.name}_int8_{part}"
+            w_part = g.add_const(name + "_w", np.ascontiguousarray(w[:, cols]))
+            scale, zero = (
+                g.add_const(name + "_ws", _columns(w_scale, cols)),
+                g.add_const(name + "_wzp", _columns(w_zero, cols)),
+            )
+            inputs = [x_q, w_part, a_dq.input[1], scale, a_zp, zero, bias]
+            nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=name, domain=MS_DOMAIN))
+        replaced = [mm] + [n for _, out, _ in groups for n in [g.producer.get(out)] if n is not None and n is not mm]
+        replaced += [u for u in g.users.get(mm.output[0], []) if u.op_type == "Split"]
+        g.replace(list({id(n): n for n in replaced}.values()), nodes)
+        folded += 1
+    return folded
+
+
+def _rewrite_linears(g: GraphIndex, runtime: str) -> int:
     linears, ranges, quantized = _int8_linears(g), activation_ranges(g.model), {}
     for i, lin in enumerate(linears):
         name = f"cpu_linear_{i}"
@@ -195,127 +245,26 @@ def _rewrite_linears(g: _Graph, runtime: str) -> int:
     return len(linears)
 
 
-def _perm(node: onnx.NodeProto) -> list[int]:
-    return list(next(a.ints for a in node.attribute if a.name == "perm"))
-
-
-def _heads_input(g: _Graph, transpose: onnx.NodeProto, perm: list[int]) -> tuple[str, int | None, int]:
-    """(B, T, D) tensor behind Reshape(-> (B, T, H, d)) -> Transpose(perm), H where constant, and d."""
-    if _perm(transpose) != perm:
-        raise LookupError("not a head transpose")
-    reshape = g.made_by(transpose.input[0], "Reshape")
-    concat = g.made_by(reshape.input[1], "Concat")
-    head_dim = g.const(concat.input[-1])
-    if head_dim is None or head_dim.reshape(-1)[0] <= 0:
-        raise LookupError("head size not constant")
-    heads = g.const(concat.input[-2]) if len(concat.input) >= 4 else None
-    heads = int(heads.reshape(-1)[0]) if heads is not None and heads.reshape(-1)[0] > 0 else None
-    return reshape.input[0], heads, int(head_dim.reshape(-1)[0])
-
-
-def _float_attention(g: _Graph) -> int:
-    """MatMuls between two quantized activations (w8a8's attention) read the float tensors instead.
-
-    The w8a8 graph quantizes q, k, v and the softmax for TensorRT's int8 attention. ONNX Runtime's
-    CPU kernels have no int8 attention, and with the Q/DQ pairs in place the attention cannot fuse.
-    """
-    rewired = 0
-    for mm in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        try:
-            sources = [
-                g.made_by(g.made_by(i, "DequantizeLinear").input[0], "QuantizeLinear").input[0] for i in mm.input
-            ]
-        except LookupError:
-            continue
-        if any(s in g.inits for s in sources):  # a weight: a linear layer, left to the int8 kernels
-            continue
-        mm.input[:] = sources
-        rewired += 1
-    return rewired
-
-
-def _fuse_attention(g: _Graph) -> int:
-    """softmax(q k^T * scale + bias) v over heads -> MultiHeadAttention(q, k, v, attention_bias=bias)."""
-    fused = 0
-    for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
-        try:
-            add = g.made_by(softmax.input[0], "Add")
-            mul = next(g.producer[i] for i in add.input if i in g.producer and g.producer[i].op_type == "Mul")
-            bias = next(i for i in add.input if i != mul.output[0])
-            scale_name = next(i for i in mul.input if i in g.inits)
-            qk = g.made_by(next(i for i in mul.input if i != scale_name), "MatMul")
-            q, heads, head_dim = _heads_input(g, g.made_by(qk.input[0], "Transpose"), [0, 2, 1, 3])
-            k, _, _ = _heads_input(g, g.made_by(qk.input[1], "Transpose"), [0, 2, 3, 1])
-            (av,) = g.users[softmax.output[0]]
-            v, _, _ = _heads_input(g, g.made_by(av.input[1], "Transpose"), [0, 2, 1, 3])
-            (out_t,) = g.users[av.output[0]]
-            (out_r,) = g.users[out_t.output[0]]
-            heads = heads or _width(g, q) // head_dim
-        except (StopIteration, LookupError, ValueError):
-            continue
-        if av.op_type != "MatMul" or out_t.op_type != "Transpose" or _perm(out_t) != [0, 2, 1, 3]:
-            continue
-        if out_r.op_type != "Reshape" or heads < 1:
-            continue
-        scale = float(g.const(scale_name).reshape(-1)[0])
-        mha = helper.make_node(
-            "MultiHeadAttention",
-            [q, k, v, "", "", bias],  # query, key, value, bias, key_padding_mask, attention_bias (B|1, 1, T, T)
-            [out_r.output[0]],
-            name=softmax.name + "_mha",
-            domain=MS_DOMAIN,
-            num_heads=heads,
-            scale=scale,
-        )
-        g.replace([out_r], [mha])
-        fused += 1
-    return fused
-
-
-def _width(g: _Graph, name: str) -> int:
-    """Output width of the linear that made `name` (its weight's last axis)."""
-    node = g.producer[name]
-    if node.op_type == "Add":  # an unfused bias: its length (w8a8's q, k, v come from one split GEMM)
-        bias = next((g.const(i) for i in node.input if i in g.inits), None)
-        if bias is not None and bias.ndim == 1:
-            return int(bias.shape[0])
-        node = next(g.producer[i] for i in node.input if i in g.producer)
-    if node.op_type == "MatMulNBits":
-        return int(next(a.i for a in node.attribute if a.name == "N"))
-    w = g.const(node.input[1]) if len(node.input) > 1 else None
-    if w is None or w.ndim != 2:
-        raise LookupError(f"cannot tell the width of {name}")
-    return int(w.shape[1])
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers no graph output depends on."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    for init in [i for i in graph.initializer if i.name not in needed]:
-        graph.initializer.remove(init)
-
-
 def cpu_graph(model: onnx.ModelProto, runtime: str) -> tuple[onnx.ModelProto, dict]:
     """Rewrite `model` (loaded with its weights) in place for `runtime`; returns it and what changed."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "qdq":
         return model, {"runtime": runtime}
-    linears = _rewrite_linears(_Graph(model), runtime)
-    float_attention = _float_attention(_Graph(model)) if runtime == "int8" else 0
-    _prune(model)  # the Q/DQ pairs float attention left unread
-    attention = _fuse_attention(_Graph(model))
-    experts = sparse_experts(_Graph(model))
+    linears = _rewrite_linears(GraphIndex(model), runtime)
+    floated = float_attention(GraphIndex(model)) if runtime == "int8" else 0
+    qdq_gemms = _qdq_gemms(GraphIndex(model))
+    prune(model)  # the Q/DQ pairs these left unread
+    attention = fuse_attention(GraphIndex(model))
+    experts = sparse_experts(GraphIndex(model))
+    taps = batched_taps(GraphIndex(model))
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    _prune(model)
-    changes = {"int8_linears": linears, "float_attention_matmuls": float_attention, "attention_fused": attention}
-    return model, {"runtime": runtime, **changes, "sparse_moe": experts}
+    prune(model)
+    changes = {
+        "int8_linears": linears,
+        "float_attention_matmuls": floated,
+        "qdq_gemms": qdq_gemms,
+        "attention_fused": attention,
+    }
+    return model, {"runtime": runtime, **changes, "sparse_moe": experts, "batched_taps": taps}

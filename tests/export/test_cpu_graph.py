@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
+from export.cpu_attention import padding_mask_input
 from export.cpu_graph import cpu_graph
-from export.onnx_export import export_backbone
+from export.onnx_export import export_adapter, export_backbone
 from export.ort_session import make_session
 from export.pipeline import io_spec_for
 from tests.training.test_trainer import trained_tiny_run
@@ -27,6 +28,15 @@ def backbone(tmp_path_factory, toy_csv):
     return export_backbone(model, io_spec_for(meta, "int8-weight").backbone, path)
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, toy_csv):
+    """The adapter.onnx (side network with top-k experts) of the session's tiny trained run."""
+    run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
+    model, _, meta, _ = load_checkpoint(run / "checkpoint")
+    path = tmp_path_factory.mktemp("cpu_graph_adapter") / "adapter.onnx"
+    return export_adapter(model, io_spec_for(meta, "int8-weight").adapter, path)
+
+
 def _feeds(session, batch=3, seq=12, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, seq), np.int64)
@@ -36,6 +46,10 @@ def _feeds(session, batch=3, seq=12, seed=0):
     if "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros((batch, seq), np.int64)
     return feeds
+
+
+def model_of(path, runtime):
+    return cpu_graph(onnx.load(str(path)), runtime)[0]
 
 
 def _ops(path_or_model, runtime):
@@ -49,6 +63,8 @@ def test_exact_folds_every_int8_linear_and_fuses_attention(backbone):
     assert changes["int8_linears"] == before["DequantizeLinear"] > 0 and changes["attention_fused"] > 0
     assert "DequantizeLinear" not in ops and ops["ReduceSum"] < before["ReduceSum"]  # corrections folded too
     assert ops["MultiHeadAttention"] == changes["attention_fused"]
+    mha = [n for n in model_of(backbone, "exact").graph.node if n.op_type == "MultiHeadAttention"]
+    assert all(n.input[4] == "attention_mask_int32" and len(n.input) == 5 for n in mha)  # key padding, no bias
     assert not set(ops) & {"QuantizeLinear", "MatMulIntegerToFloat", "MatMulNBits"}  # activations stay float
 
 
@@ -98,3 +114,54 @@ def test_rewrites_match_the_exported_graph(backbone, runtime):
 def test_unknown_runtime_is_refused(backbone):
     with pytest.raises(ValueError, match="runtime must be one of"):
         make_session(backbone, runtime="fast")
+
+
+@pytest.mark.parametrize("runtime", ["exact", "int8"])
+def test_adapter_runs_sparse_experts_and_batched_taps_exactly(adapter, runtime):
+    """The adapter has no int8: both CPU runtimes give the exported adapter's logits, from fewer ops."""
+    exported = onnx.load(str(adapter))
+    taps = exported.graph.input[0].type.tensor_type.shape.dim[1].dim_value  # hidden_states (B, L, T, D)
+    model, changes = cpu_graph(exported, runtime)
+    assert changes["sparse_moe"] > 0 and changes["batched_taps"] == taps > 1
+    assert "Einsum" not in {n.op_type for n in model.graph.node}
+    rng = np.random.default_rng(0)
+    hidden = onnx.load(str(adapter)).graph.input
+    dims = [[d.dim_value or 1 for d in i.type.tensor_type.shape.dim] for i in hidden]
+    for batch, seq in ((1, 5), (4, 17)):
+        feeds = {
+            "hidden_states": rng.normal(size=(batch, dims[0][1], seq, dims[0][3])).astype(np.float32),
+            "cls_states": rng.normal(size=(batch, *dims[1][1:])).astype(np.float32),
+            "attention_mask": np.ones((batch, seq), np.int64),
+        }
+        feeds["attention_mask"][0, seq // 2 :] = 0
+        expected = make_session(adapter, threads=1).run(None, feeds)[0]
+        got = make_session(adapter, threads=1, runtime=runtime).run(None, feeds)[0]
+        np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def _bias_graph(offset: float) -> onnx.ModelProto:
+    """bias = (1 - mask) * -1e9 + offset, (B, 1, 1, T): the padding mask alone when offset is 0."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+        h.make_node("Sub", ["one", "m"], ["pad"]),
+        h.make_node("Mul", ["pad", "big"], ["neg"]),
+        h.make_node("Add", ["neg", "offset"], ["flat"]),
+        h.make_node("Unsqueeze", ["flat", "axes"], ["bias"]),
+    ]
+    consts = {"one": 1.0, "big": -1e9, "offset": offset}
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
+    inits.append(onnx.numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
+    graph = h.make_graph(
+        nodes,
+        "bias",
+        [h.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["B", "T"])],
+        [h.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+
+
+def test_only_a_pure_padding_bias_becomes_a_key_padding_mask():
+    assert padding_mask_input(_bias_graph(0.0), "bias") == "attention_mask"
+    assert padding_mask_input(_bias_graph(0.5), "bias") is None  # more than padding: stays a bias

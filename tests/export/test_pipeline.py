@@ -342,9 +342,10 @@ def test_w8a8_quantizes_gemm_inputs_only_and_every_gemm_runs_as_int8_in_onnxrunt
     assert "MatMul" not in ops, "a quantized GEMM was left in fp32"
 
 
-def test_w8a8_cpu_int8_graph_runs_attention_in_float_fused_and_passes_its_gate(other_precision, exported):
-    """The CPU `int8` rewrite of a w8a8 graph drops the attention's Q/DQ (no int8 attention kernel on
-    CPU) so the attention fuses; the weight GEMMs keep their Q/DQ; parity judges the result by accuracy."""
+def test_w8a8_cpu_graphs_fold_the_gemms_and_int8_runs_attention_in_float(other_precision, exported):
+    """Both CPU rewrites of a w8a8 graph build its int8 GEMMs directly (bias folded, q/k/v unsplit);
+    `int8` also drops the attention's Q/DQ (no int8 attention kernel on CPU) so the attention fuses;
+    parity judges it by accuracy."""
     out, _ = other_precision("w8a8")
     run, _, model, meta, tokenizer = exported
     exported_graph = onnx.load(str(out / "backbone.onnx"))
@@ -353,6 +354,14 @@ def test_w8a8_cpu_int8_graph_runs_attention_in_float_fused_and_passes_its_gate(o
     ops = collections.Counter(n.op_type for n in graph.graph.node)
     assert changes["float_attention_matmuls"] == 2 * layers and ops["MultiHeadAttention"] == layers > 0
     assert "Softmax" not in ops and ops["QuantizeLinear"] > 0  # the linears stay int8
+    weight_gemms = changes["qdq_gemms"]  # each Q/DQ GEMM -> MatMulIntegerToFloat, bias and q/k/v split folded in
+    assert weight_gemms > 0 and "Split" not in ops and ops["MatMulIntegerToFloat"] > weight_gemms
+    session = make_session(out / "backbone.onnx", threads=1)
+    feeds = {i.name: np.ones((2, 9), np.int64) for i in session.get_inputs()}
+    feeds["input_ids"] = np.arange(100, 118).reshape(2, 9)
+    as_exported = session.run(None, feeds)
+    for a, b in zip(make_session(out / "backbone.onnx", threads=1, runtime="exact").run(None, feeds), as_exported):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())  # the same integer arithmetic
     report = check_parity(
         model,
         tokenizer,

@@ -159,32 +159,35 @@ def _bias_add(g: GraphIndex, out: str, width: int) -> onnx.NodeProto | None:
     return users[0] if bias is not None and bias.shape == (width,) else None
 
 
-def _column_groups(g: GraphIndex, mm: onnx.NodeProto, width: int) -> list[tuple[slice, str, str]]:
-    """(weight columns, output, bias) per int8 GEMM to build; the nodes they replace are appended to
-    `mm`'s group list by the caller. A Split on the last axis (w8a8 merges q, k and v into one GEMM for
-    TensorRT) becomes one GEMM per part, so each takes its own bias and no Split copy remains."""
+def _column_groups(g: GraphIndex, mm: onnx.NodeProto, width: int) -> tuple[list[tuple], list[onnx.NodeProto]]:
+    """([(weight columns, output, bias name or "")] per GEMM to build, the nodes they replace).
+
+    A Split on the last axis (w8a8 merges q, k and v into one GEMM for TensorRT) gives one GEMM per
+    part, so each takes its own bias and no Split copy remains."""
     users = g.users.get(mm.output[0], [])
     split = users[0] if len(users) == 1 and users[0].op_type == "Split" else None
     sizes = g.const(split.input[1]) if split is not None and len(split.input) > 1 else None
     axis = next((a.i for a in split.attribute if a.name == "axis"), 0) if split is not None else None
     if sizes is None or axis != -1 or int(sizes.sum()) != width:
-        add = _bias_add(g, mm.output[0], width)
-        return [(slice(0, width), add.output[0] if add else mm.output[0], _other(add, mm.output[0]))]
-    groups, start = [], 0
-    for size, out in zip(sizes.tolist(), split.output):
-        add = _bias_add(g, out, size)
-        groups.append((slice(start, start + size), add.output[0] if add else out, _other(add, out)))
-        start += size
-    return groups
+        parts, replaced = [(slice(0, width), mm.output[0])], [mm]
+    else:
+        ends = np.cumsum(sizes).tolist()
+        parts = [(slice(end - size, end), out) for size, end, out in zip(sizes.tolist(), ends, split.output)]
+        replaced = [mm, split]
+    groups = []
+    for cols, out in parts:
+        add = _bias_add(g, out, cols.stop - cols.start)
+        if add is None:
+            groups.append((cols, out, ""))
+        else:
+            groups.append((cols, add.output[0], next(i for i in add.input if i != out)))
+            replaced.append(add)
+    return groups, replaced
 
 
 def _columns(v: np.ndarray, cols: slice) -> np.ndarray:
     """A per-column scale or zero point sliced to `cols`; a per-tensor one as it is."""
     return v if v.size == 1 else v.reshape(-1)[cols]
-
-
-def _other(add: onnx.NodeProto | None, out: str) -> str:
-    return next(i for i in add.input if i != out) if add is not None else ""
 
 
 def _qdq_gemms(g: GraphIndex) -> int:
@@ -201,32 +204,26 @@ def _qdq_gemms(g: GraphIndex) -> int:
         except LookupError:
             continue
         w, w_scale = g.const(w_dq.input[0]), g.const(w_dq.input[1])
-        w_zero = g.const(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros((), w.dtype if w is not None else np.int8)
+        w_zero = g.const(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros((), np.int8)
         a_zero = g.const(a_dq.input[2]) if len(a_dq.input) > 2 else np.zeros((), np.int8)
         axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
         if w is None or w.ndim != 2 or w_scale is None or w_zero is None or a_zero is None or axis not in (1, -1):
             continue
+        nodes, x_q = [], quantize.output[0]
+        a_zp = a_dq.input[2] if len(a_dq.input) > 2 else ""
         if a_zero.dtype == np.int8:  # int8 x int8 has no fast CPU kernel (5.5 s against 0.8 s): shift to uint8
-            x_q, a_zp = (
-                mm.name + "_xq",
-                g.add_const(mm.name + "_xq_zp", (a_zero.astype(np.int16) + 128).astype(np.uint8)),
-            )
-            nodes = [helper.make_node("QuantizeLinear", [quantize.input[0], a_dq.input[1], a_zp], [x_q])]
-        else:
-            x_q, a_zp, nodes = quantize.output[0], a_dq.input[2], []
-        groups = _column_groups(g, mm, w.shape[1])
+            x_q, shifted = mm.name + "_xq", (a_zero.astype(np.int16) + 128).astype(np.uint8)  # same codes + 128
+            a_zp = g.add_const(x_q + "_zp", shifted)
+            nodes.append(helper.make_node("QuantizeLinear", [quantize.input[0], a_dq.input[1], a_zp], [x_q]))
+        groups, replaced = _column_groups(g, mm, w.shape[1])
         for part, (cols, out, bias) in enumerate(groups):
             name = f"{mm.name}_int8_{part}"
             w_part = g.add_const(name + "_w", np.ascontiguousarray(w[:, cols]))
-            scale, zero = (
-                g.add_const(name + "_ws", _columns(w_scale, cols)),
-                g.add_const(name + "_wzp", _columns(w_zero, cols)),
-            )
+            scale = g.add_const(name + "_ws", _columns(w_scale, cols))
+            zero = g.add_const(name + "_wzp", _columns(w_zero, cols))
             inputs = [x_q, w_part, a_dq.input[1], scale, a_zp, zero, bias]
             nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=name, domain=MS_DOMAIN))
-        replaced = [mm] + [n for _, out, _ in groups for n in [g.producer.get(out)] if n is not None and n is not mm]
-        replaced += [u for u in g.users.get(mm.output[0], []) if u.op_type == "Split"]
-        g.replace(list({id(n): n for n in replaced}.values()), nodes)
+        g.replace(replaced, nodes)
         folded += 1
     return folded
 

@@ -20,21 +20,25 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory, toy_csv):
-    """The int8-weight backbone.onnx of the session's tiny trained run."""
+def tiny(tmp_path_factory, toy_csv):
+    """The session's tiny trained run: (model, int8-weight I/O spec, a fresh directory)."""
     run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
     model, _, meta, _ = load_checkpoint(run / "checkpoint")
-    path = tmp_path_factory.mktemp("cpu_graph") / "backbone.onnx"
-    return export_backbone(model, io_spec_for(meta, "int8-weight").backbone, path)
+    return model, io_spec_for(meta, "int8-weight"), tmp_path_factory.mktemp("cpu_graph")
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, toy_csv):
-    """The adapter.onnx (side network with top-k experts) of the session's tiny trained run."""
-    run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
-    model, _, meta, _ = load_checkpoint(run / "checkpoint")
-    path = tmp_path_factory.mktemp("cpu_graph_adapter") / "adapter.onnx"
-    return export_adapter(model, io_spec_for(meta, "int8-weight").adapter, path)
+def backbone(tiny):
+    """Its int8-weight backbone.onnx."""
+    model, spec, out = tiny
+    return export_backbone(model, spec.backbone, out / "backbone.onnx")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny):
+    """Its adapter.onnx: the side network with top-k experts."""
+    model, spec, out = tiny
+    return export_adapter(model, spec.adapter, out / "adapter.onnx")
 
 
 def _feeds(session, batch=3, seq=12, seed=0):

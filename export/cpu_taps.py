@@ -39,9 +39,11 @@ def _tap_projections(g: GraphIndex, source: str) -> dict[int, tuple]:
 
 def batched_taps(g: GraphIndex, source: str = "hidden_states") -> int:
     """Rewrite the per-tap projections of graph input `source`; returns how many (0: left alone)."""
+    dims = next((i.type.tensor_type.shape.dim for i in g.graph.input if i.name == source), [])
+    layers = dims[1].dim_value if len(dims) == 4 else 0  # L, fixed by the export
     taps = _tap_projections(g, source)
     shapes = {w.shape for _, _, _, w, _ in taps.values()}
-    if len(taps) < 2 or sorted(taps) != list(range(len(taps))) or len(shapes) != 1:
+    if layers < 2 or sorted(taps) != list(range(layers)) or len(shapes) != 1:
         return 0  # every tap 0..L-1 projected, all to the same width, or nothing to gain
     order = [taps[i] for i in range(len(taps))]
     w = np.stack([t[3] for t in order])  # (L, D, d)

@@ -12,7 +12,7 @@ from export.cpu_graph import RANGES_KEY, activation_ranges, cpu_graph, int8_line
 from export.int8_ranges import calibrate, store
 from export.onnx_export import external_data_file
 from export.ort_session import make_session
-from tests.export.test_cpu_graph import _feeds, backbone  # noqa: F401  (the module fixture)
+from tests.export.test_cpu_graph import _feeds, backbone, tiny  # noqa: F401  (the module fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -62,7 +62,7 @@ def float_attention(g: GraphIndex) -> int:
 
 
 def _probe_feeds(model: onnx.ModelProto, mask: np.ndarray) -> dict:
-    """Inputs for the graph: `mask` as the attention mask, small token ids and zeros elsewhere."""
+    """Inputs for the graph: `mask` as the attention mask, ones of the same shape for every other input."""
     feeds = {}
     for i in model.graph.input:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)

@@ -17,12 +17,15 @@ first: slower than the dense graph here (413 vs 338 ms) and its GELU is the tanh
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
+
+from .onnx_graph import GraphIndex
 
 EQUATION = "btn,btnd->btd"  # gate (B, T, N) x expert outputs (B, T, N, D) -> (B, T, D)
 
 
-def _const_behind(g, name: str) -> np.ndarray:
+def _const_behind(g: GraphIndex, name: str) -> np.ndarray:
     """An initializer, or one behind an Unsqueeze (how the dynamo export broadcasts the expert biases)."""
     value = g.const(name)
     if value is None:
@@ -32,7 +35,7 @@ def _const_behind(g, name: str) -> np.ndarray:
     return value
 
 
-def _dense_experts(g, einsum) -> dict:
+def _dense_experts(g: GraphIndex, einsum: onnx.NodeProto) -> dict:
     """x and the stacked weights behind `Transpose(Reshape(Gemm2(Gelu(Gemm1(Expand(Reshape(x)))))))`."""
     reshape = g.made_by(g.made_by(einsum.input[1], "Transpose").input[0], "Reshape")
     add2 = g.made_by(reshape.input[0], "Add")
@@ -51,7 +54,7 @@ def _dense_experts(g, einsum) -> dict:
     return dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, gelu=gelu_attrs)
 
 
-def _expert_nodes(g, name: str, e: int, ex: dict, gate: str, x: str, acc: str, out: str) -> list:
+def _expert_nodes(g: GraphIndex, name: str, e: int, ex: dict, gate: str, x: str, acc: str, out: str) -> list:
     """y[rows] += gate[rows, e] * FFN_e(x[rows]) for the rows whose gate for expert e is nonzero."""
     p = f"{name}_e{e}"
     return [
@@ -74,8 +77,8 @@ def _expert_nodes(g, name: str, e: int, ex: dict, gate: str, x: str, acc: str, o
     ]
 
 
-def sparse_experts(g) -> int:
-    """Rewrite every dense top-k combination in `g` (an `export.cpu_graph._Graph`); returns how many."""
+def sparse_experts(g: GraphIndex) -> int:
+    """Rewrite every dense top-k combination in `g`; returns how many."""
     rewritten = 0
     for einsum in [n for n in g.graph.node if n.op_type == "Einsum"]:
         equation = next((a.s.decode() for a in einsum.attribute if a.name == "equation"), "")

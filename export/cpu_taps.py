@@ -59,9 +59,5 @@ def batched_taps(g: GraphIndex, source: str = "hidden_states") -> int:
     for i, node in enumerate(nodes):
         node.name = f"cpu_taps_{i}"
     replaced = [n for _, mm, add, _, _ in order for n in (mm, add) if n is not None]
-    at = min(list(g.graph.node).index(n) for n in replaced)  # the first: readers of every tap come later
-    for node in reversed(nodes):
-        g.graph.node.insert(at, node)
-    for node in replaced:
-        g.graph.node.remove(node)
+    g.replace(replaced, nodes, first=True)  # readers of an early tap may precede the last projection
     return len(order)

@@ -34,9 +34,13 @@ class GraphIndex:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
 
-    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto]) -> None:
-        """Put `new` (in order) where the last of `old` was (their inputs exist by then) and drop `old`."""
-        at = max(list(self.graph.node).index(n) for n in old)
+    def replace(self, old: list[onnx.NodeProto], new: list[onnx.NodeProto], first: bool = False) -> None:
+        """Put `new` (in order) where the last of `old` was (their inputs exist by then) and drop `old`.
+
+        `first`: where the first of `old` was, for `new` reading only graph inputs and constants while
+        readers of its outputs may sit between the old nodes."""
+        places = [list(self.graph.node).index(n) for n in old]
+        at = min(places) if first else max(places)
         for node in reversed(new):
             self.graph.node.insert(at, node)
         for n in old:

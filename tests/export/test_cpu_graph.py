@@ -10,46 +10,10 @@ import pytest
 
 from export.cpu_attention import padding_mask_input
 from export.cpu_graph import cpu_graph
-from export.onnx_export import export_adapter, export_backbone
 from export.ort_session import make_session
-from export.pipeline import io_spec_for
-from tests.training.test_trainer import trained_tiny_run
-from training.checkpoint import load_checkpoint
+from tests.export.conftest import backbone_feeds
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, toy_csv):
-    """The session's tiny trained run: (model, int8-weight I/O spec, a fresh directory)."""
-    run, _ = trained_tiny_run(tmp_path_factory, toy_csv)
-    model, _, meta, _ = load_checkpoint(run / "checkpoint")
-    return model, io_spec_for(meta, "int8-weight"), tmp_path_factory.mktemp("cpu_graph")
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny):
-    """Its int8-weight backbone.onnx."""
-    model, spec, out = tiny
-    return export_backbone(model, spec.backbone, out / "backbone.onnx")
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny):
-    """Its adapter.onnx: the side network with top-k experts."""
-    model, spec, out = tiny
-    return export_adapter(model, spec.adapter, out / "adapter.onnx")
-
-
-def _feeds(session, batch=3, seq=12, seed=0):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((batch, seq), np.int64)
-    mask[1, seq // 2 :] = 0  # a padded row: attention must keep ignoring padding
-    feeds = {"input_ids": rng.integers(5, 200, (batch, seq)), "attention_mask": mask}
-    names = {i.name for i in session.get_inputs()}
-    if "token_type_ids" in names:
-        feeds["token_type_ids"] = np.zeros((batch, seq), np.int64)
-    return feeds
 
 
 def model_of(path, runtime):
@@ -93,7 +57,7 @@ def test_int8_keeps_the_trained_codes(backbone):
 def test_int8_answers_a_row_the_same_alone_and_in_a_batch(backbone):
     """Activations are quantized per row: what the dynamic batcher merges cannot change an answer."""
     session = make_session(backbone, threads=1, runtime="int8")
-    feeds = _feeds(session, batch=4)
+    feeds = backbone_feeds(session, batch=4)
     together = session.run(None, feeds)
     for row in range(4):
         alone = session.run(None, {k: v[row : row + 1] for k, v in feeds.items()})
@@ -104,7 +68,7 @@ def test_int8_answers_a_row_the_same_alone_and_in_a_batch(backbone):
 @pytest.mark.parametrize("runtime", ["exact", "int8"])
 def test_rewrites_match_the_exported_graph(backbone, runtime):
     reference = make_session(backbone, threads=1)
-    feeds = _feeds(reference)
+    feeds = backbone_feeds(reference)
     expected = reference.run(None, feeds)
     got = make_session(backbone, threads=1, runtime=runtime).run(None, feeds)
     for e, g in zip(expected, got):

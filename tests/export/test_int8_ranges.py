@@ -12,7 +12,7 @@ from export.cpu_graph import RANGES_KEY, activation_ranges, cpu_graph, int8_line
 from export.int8_ranges import calibrate, store
 from export.onnx_export import external_data_file
 from export.ort_session import make_session
-from tests.export.test_cpu_graph import _feeds, backbone, tiny  # noqa: F401  (the module fixtures)
+from tests.export.conftest import backbone_feeds
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def calibrated(backbone, tmp_path_factory):  # noqa: F811
     shutil.copy(backbone, path)
     shutil.copy(external_data_file(backbone), external_data_file(path))
     session = make_session(path, threads=1)
-    ranges = calibrate(path, [_feeds(session, batch=8, seq=16, seed=s) for s in range(3)], threads=1)
+    ranges = calibrate(path, [backbone_feeds(session, batch=8, seq=16, seed=s) for s in range(3)], threads=1)
     store(path, ranges)
     return path, ranges
 
@@ -40,7 +40,7 @@ def test_ranges_cover_every_int8_linear_input_and_live_in_metadata(calibrated):
 def test_storing_ranges_leaves_the_weights_alone(backbone, calibrated):  # noqa: F811
     path, _ = calibrated
     assert external_data_file(path).read_bytes() == external_data_file(backbone).read_bytes()
-    feeds = _feeds(make_session(backbone, threads=1))
+    feeds = backbone_feeds(make_session(backbone, threads=1))
     for a, b in zip(make_session(backbone, threads=1).run(None, feeds), make_session(path, threads=1).run(None, feeds)):
         np.testing.assert_array_equal(a, b)
 
@@ -51,7 +51,7 @@ def test_static_int8_graph_is_close_and_independent_of_the_batch(calibrated):
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulIntegerToFloat", "QuantizeLinear"} <= ops and "MatMulNBits" not in ops
     exact, int8 = make_session(path, threads=1, runtime="exact"), make_session(path, threads=1, runtime="int8")
-    feeds = _feeds(exact, batch=4)
+    feeds = backbone_feeds(exact, batch=4)
     want, together = exact.run(None, feeds), int8.run(None, feeds)
     for w, t in zip(want, together):
         assert 0 < np.abs(t - w).max() < 0.25 * np.abs(w).max()

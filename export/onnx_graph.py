@@ -39,7 +39,8 @@ class GraphIndex:
 
         `first`: where the first of `old` was, for `new` reading only graph inputs and constants while
         readers of its outputs may sit between the old nodes."""
-        places = [list(self.graph.node).index(n) for n in old]
+        nodes = list(self.graph.node)
+        places = [nodes.index(n) for n in old]
         at = min(places) if first else max(places)
         for node in reversed(new):
             self.graph.node.insert(at, node)
